@@ -1,0 +1,151 @@
+"""Filesystem helpers on fsspec: input expansion, atomic writes, JSON files.
+
+Every path may be any fsspec URL (local, s3://, gs://, memory://). Nothing here assumes a local
+path is visible to other nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces: `a{1..3}` and `a{x,y}` (nested and repeated groups too)."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        lo_s, hi_s = rng.groups()
+        lo, hi = int(lo_s), int(hi_s)
+        width = len(lo_s) if lo_s.startswith("0") and len(lo_s) > 1 else 0
+        step = 1 if hi >= lo else -1
+        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        options = body.split(",")
+    out: list[str] = []
+    for opt in options:
+        out.extend(expand_braces(pattern[: m.start()] + opt + pattern[m.end() :]))
+    return out
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn an fs-relative path back into a URL that `url_to_fs` accepts."""
+    proto = _protocol(fs)
+    if proto in ("file", "local"):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def expand_inputs(
+    inputs: Iterable[str], suffixes: tuple[str, ...] | None = None
+) -> list[str]:
+    """Expand files, globs, brace patterns and directories into a sorted, de-duplicated list.
+
+    Directories are walked recursively and filtered by `suffixes` (when given). A pattern that
+    matches nothing is an error naming the pattern, so a typo never silently reads zero shards.
+    """
+    found: list[str] = []
+    for raw in inputs:
+        for pattern in expand_braces(str(raw)):
+            fs, path = url_to_fs(pattern)
+            if any(ch in path for ch in "*?["):
+                matches = sorted(fs.glob(path))
+            elif fs.isdir(path):
+                matches = sorted(
+                    p
+                    for p in fs.find(path)
+                    if suffixes is None or p.endswith(suffixes)
+                )
+            elif fs.exists(path):
+                matches = [path]
+            else:
+                raise FileNotFoundError(f"input {pattern!r} does not exist")
+            if not matches:
+                raise FileNotFoundError(f"input {pattern!r} matched no files")
+            found.extend(full_url(fs, p) for p in matches)
+    seen: set[str] = set()
+    unique = [p for p in found if not (p in seen or seen.add(p))]
+    return sorted(unique)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL/path parts with '/'."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = out + "/" + p.strip("/")
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write to a temporary sibling, then rename into place: readers never see a partial file."""
+    fs, path = url_to_fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def atomic_write_json(url: str, obj: Any) -> None:
+    atomic_write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def atomic_write_parquet(url: str, table: Any, **kwargs: Any) -> None:
+    """Write an Arrow table as Parquet atomically (temp + rename). Deterministic bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    kwargs.setdefault("compression", "zstd")
+    pq.write_table(table, sink, **kwargs)
+    atomic_write_bytes(url, sink.getvalue().to_pybytes())
+
+
+def shard_name(url: str) -> str:
+    """Stable shard name from an input URL: the file name without compression/format suffixes."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    suffixes = (".gz", ".zst", ".warc", ".wat", ".parquet", ".jsonl", ".json", ".tar")
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in suffixes:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                name = name[: -len(suffix)]
+                stripped = True
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "shard"
+    return name

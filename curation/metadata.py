@@ -1,0 +1,133 @@
+"""Concept metadata: loading, validation and checksums.
+
+Entry ids are positions in the metadata file. The order is part of the data: it is fixed, and its
+checksum goes into every manifest, so counts and `entry_ids` are only compared across runs that
+used the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from fsspec.core import url_to_fs
+
+FORMATS = ("json", "txt", "parquet")
+
+
+class MetadataError(ValueError):
+    """A metadata file that cannot be used as it is; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """An ordered list of concept entries; `entries[i]` is entry id `i`."""
+
+    entries: tuple[str, ...]
+    checksum: str
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def entries_checksum(entries: tuple[str, ...] | list[str]) -> str:
+    """sha256 over the entries in order (each UTF-8, NUL-terminated): independent of file format."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(e.encode("utf-8"))
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def _detect_format(path: str, data: bytes) -> str:
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith(".json"):
+        return "json"
+    if lower.endswith((".txt", ".tsv", ".lst")):
+        return "txt"
+    if data[:4] == b"PAR1":
+        return "parquet"
+    if data.lstrip()[:1] == b"[":
+        return "json"
+    return "txt"
+
+
+def validate_entries(entries: list[str], source: str, line_base: int = 1) -> None:
+    """Empty and duplicate entries are errors that name the offending line (1-based)."""
+    first_seen: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        line = i + line_base
+        if not isinstance(e, str):
+            raise MetadataError(f"{source}: entry {line} is {type(e).__name__}, expected a string")
+        if e.strip() == "":
+            raise MetadataError(f"{source}: entry {line} is empty; remove it")
+        prev = first_seen.get(e)
+        if prev is not None:
+            raise MetadataError(
+                f"{source}: entry {line} {e!r} duplicates entry {prev}; remove one of them"
+            )
+        first_seen[e] = line
+
+
+def load_metadata(path: str, fmt: str | None = None) -> Metadata:
+    """Load metadata from a MetaCLIP-style JSON list, a text file (one entry per line) or Parquet.
+
+    MetaCLIP's own `metadata.json` loads unchanged. Raises `MetadataError` for empty or duplicate
+    entries, naming the line, and `FileNotFoundError` for a missing file.
+    """
+    fs, fpath = url_to_fs(path)
+    if not fs.exists(fpath):
+        raise FileNotFoundError(f"metadata file {path!r} does not exist")
+    with fs.open(fpath, "rb") as f:
+        data = f.read()
+    fmt = fmt or _detect_format(path, data)
+    if fmt not in FORMATS:
+        raise MetadataError(f"{path}: unknown metadata format {fmt!r}; use one of {FORMATS}")
+    if fmt == "json":
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MetadataError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(obj, list):
+            raise MetadataError(f"{path}: expected a JSON list of strings, got {type(obj).__name__}")
+        entries = obj
+    elif fmt == "txt":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MetadataError(f"{path}: not valid UTF-8 ({exc})") from exc
+        entries = text.split("\n")
+        if entries and entries[-1] == "":
+            entries.pop()
+        entries = [e[:-1] if e.endswith("\r") else e for e in entries]
+    else:
+        import io
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        if "entry" not in table.column_names:
+            raise MetadataError(f"{path}: Parquet metadata needs an 'entry' column")
+        col = table.column("entry")
+        if col.null_count:
+            import pyarrow.compute as pc
+
+            first = pc.index(pc.is_null(col), True).as_py()
+            raise MetadataError(f"{path}: entry {first + 1} is null; remove it")
+        entries = col.to_pylist()
+    validate_entries(entries, path)
+    tup = tuple(entries)
+    return Metadata(entries=tup, checksum=entries_checksum(tup), source=path)
+
+
+def write_metadata_json(entries: list[str], path: str) -> None:
+    """Write entries as a MetaCLIP-style JSON list (one entry per line, stable bytes)."""
+    from curation.fsio import atomic_write_bytes
+
+    validate_entries(list(entries), path)
+    body = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries) + "\n]\n"
+    atomic_write_bytes(path, body.encode("utf-8"))
