@@ -1,0 +1,306 @@
+"""Command line: parses arguments and calls the library. `curation --help` lists the commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from curation import __version__
+
+ADDRESS = click.option("--address", default=None, envvar="RAY_ADDRESS",
+                       help="Ray cluster address (default: $RAY_ADDRESS, else start a local one).")
+NUM_CPUS = click.option("--num-cpus", type=int, default=None,
+                        help="CPUs for the local Ray cluster (default: all).")
+OVERWRITE = click.option("--overwrite", is_flag=True,
+                         help="Replace results of a different earlier job in the output folder.")
+QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def _ray(address: str | None, num_cpus: int | None) -> None:
+    from curation.runner import ensure_ray
+
+    ensure_ray(address, num_cpus)
+
+
+def _echo_summary(title: str, summary: dict[str, Any]) -> None:
+    from curation.pipeline import public
+
+    click.echo(f"{title}: " + json.dumps(public(summary), indent=2, sort_keys=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="curation")
+def main() -> None:
+    """Metadata-balanced curation of web image-text pairs (MetaCLIP) on Ray.
+
+    \b
+    Typical flow:
+      curation synth pool/ --shards 4 --pairs-per-shard 25000 --seed 0
+      curation ingest 'pool/*.warc.wat.gz' -o out/ingest
+      curation match out/ingest -m metadata/metadata_en.json -o out/match
+      curation count out/match -o out/counts.parquet
+      curation balance out/match --counts out/counts.parquet --t 20000 --seed 0 -o out/curated
+    or all of it from a job spec:
+      curation run jobs/demo.yaml -o runs/demo
+    """
+
+
+@main.command()
+@click.argument("out_dir")
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--pairs-per-shard", type=click.IntRange(min=0), default=10000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--malformed-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of pages replaced by malformed records (bad JSON/UTF-8, null URLs, ...).")
+@click.option("--no-languages", is_flag=True, help="English captions only.")
+def synth(out_dir: str, shards: int, pairs_per_shard: int, seed: int, malformed_rate: float,
+          no_languages: bool) -> None:
+    """Write a synthetic CommonCrawl-style WAT pool (same seed ⇒ same bytes).
+
+    \b
+    Example:
+      curation synth /tmp/pool --shards 8 --pairs-per-shard 100000 --seed 1 --malformed-rate 0.01
+    """
+    from curation.synth import write_synthetic_pool
+
+    s = write_synthetic_pool(out_dir, shards, pairs_per_shard, seed,
+                             malformed_rate=malformed_rate, languages=not no_languages)
+    click.echo(f"wrote {len(s.files)} shards, {s.total_pairs:,} pairs in {s.seconds:.1f}s "
+               f"to {out_dir} (truth: {out_dir}/synth_truth.json)")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
+@click.option("--max-text-chars", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Cut texts longer than this (after normalization); the cut is counted.")
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def ingest(inputs: tuple[str, ...], out_dir: str, max_text_chars: int, address: str | None,
+           num_cpus: int | None, overwrite: bool, quiet: bool) -> None:
+    """Extract (image URL, alt-text) pairs from WAT, Parquet or JSONL shards.
+
+    INPUTS are files, globs, brace patterns or folders on any fsspec URL. Writes one
+    part-<shard>.parquet per input, manifest.json and quarantine.jsonl.
+
+    \b
+    Example:
+      curation ingest 's3://bucket/CC-MAIN-2024-10/wat/*.warc.wat.gz' -o s3://bucket/pairs
+      curation ingest 'pool/synth-{00000..00003}.warc.wat.gz' -o out/ingest
+    """
+    from curation import fsio
+    from curation.pipeline import ingest as run_ingest
+    from curation.pipeline import public, versions, write_quarantine
+
+    _ray(address, num_cpus)
+    summary = run_ingest(list(inputs), out_dir, max_text_chars=max_text_chars,
+                         overwrite=overwrite, progress=not quiet)
+    n_q = write_quarantine(out_dir, [summary.pop("_markers")])
+    fsio.atomic_write_json(fsio.join(out_dir, "manifest.json"),
+                           {"stage": "ingest", "versions": versions(), "summary": public(summary),
+                            "quarantined": n_q})
+    click.echo(f"ingest: {summary['rows_written']:,} pairs from {summary['shards']} shards "
+               f"({summary['input_bytes'] / 1e6:.1f} MB), {n_q} quarantined → {out_dir}")
+
+
+@main.group()
+def metadata() -> None:
+    """Concept metadata: build the default set, inspect a file."""
+
+
+@metadata.command("build")
+@click.option("--wordnet-dir", default=None,
+              help="WordNet 3.0 database folder (Debian: /usr/share/wordnet); default: search.")
+@click.option("-o", "--out", "out_path", default="metadata/metadata_en.json", show_default=True)
+@click.option("--unigram-min-zipf", type=float, default=None,
+              help="wordfreq Zipf threshold for the unigram part (default: the documented one).")
+def metadata_build(wordnet_dir: str | None, out_path: str, unigram_min_zipf: float | None) -> None:
+    """Build the default English metadata (WordNet lemmas + wordfreq unigrams + 0-99).
+
+    \b
+    Example (development step; needs Debian's wordnet-base):
+      curation metadata build --wordnet-dir /usr/share/wordnet -o metadata/metadata_en.json
+    """
+    from curation.metadata_build import build_default_metadata
+
+    kwargs = {} if unigram_min_zipf is None else {"unigram_min_zipf": unigram_min_zipf}
+    info = build_default_metadata(wordnet_dir, out_path, **kwargs)
+    click.echo(json.dumps(info.to_dict(), indent=2, sort_keys=True))
+
+
+@metadata.command("info")
+@click.argument("path")
+@click.option("--sample", type=int, default=10, show_default=True)
+def metadata_info(path: str, sample: int) -> None:
+    """Print a metadata file's entry count, checksum and a sample.
+
+    \b
+    Example:
+      curation metadata info metadata/metadata_en.json
+    """
+    from curation.metadata import load_metadata
+
+    md = load_metadata(path)
+    click.echo(f"file:     {path}\nentries:  {len(md):,}\nchecksum: {md.checksum}")
+    if sample > 0 and len(md):
+        step = max(1, len(md) // sample)
+        click.echo("sample:   " + ", ".join(repr(md.entries[i]) for i in range(0, len(md), step)[:sample]))
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-m", "--metadata", "metadata_path", required=True, help="Metadata file.")
+@click.option("-o", "--out", "out_dir", required=True)
+@click.option("--engine", type=click.Choice(["auto", "ngram", "ahocorasick"]), default="auto",
+              show_default=True, help="auto: exact n-gram engine; ahocorasick: the reference.")
+@click.option("--script-aware", is_flag=True,
+              help="MetaCLIP 2 boundaries for scripts written without spaces (CJK, Thai, ...).")
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def match(input_path: str, metadata_path: str, out_dir: str, engine: str, script_aware: bool,
+          address: str | None, num_cpus: int | None, overwrite: bool, quiet: bool) -> None:
+    """Add `entry_ids` (matched metadata entries, MetaCLIP semantics) to every row.
+
+    INPUT is a Parquet file or a folder of part-*.parquet with a `text` column.
+
+    \b
+    Example:
+      curation match out/ingest -m metadata/metadata_en.json -o out/match
+    """
+    from curation.pipeline import match as run_match
+
+    _ray(address, num_cpus)
+    s = run_match(input_path, metadata_path, out_dir, engine=engine, script_aware=script_aware,
+                  overwrite=overwrite, progress=not quiet)
+    click.echo(f"match: {s['rows_written']:,} rows, {s['counters'].get('rows_with_match', 0):,} "
+               f"with a match, {s['counters'].get('matches', 0):,} matches → {out_dir}")
+
+
+@main.command()
+@click.argument("matched")
+@click.option("-m", "--metadata", "metadata_path", required=True)
+@click.option("-o", "--out", "out_path", required=True, help="COUNTS.parquet to write.")
+@ADDRESS
+@NUM_CPUS
+def count(matched: str, metadata_path: str, out_path: str, address: str | None,
+          num_cpus: int | None) -> None:
+    """Count matches per metadata entry over the whole pool (entry_id, entry, count).
+
+    \b
+    Example:
+      curation count out/match -m metadata/metadata_en.json -o out/counts.parquet
+    """
+    from curation.pipeline import count as run_count
+    from curation.pipeline import write_counts
+
+    _ray(address, num_cpus)
+    counts, entries = run_count(matched, metadata_path)
+    write_counts(counts, entries, out_path)
+    click.echo(f"count: {int(counts.sum()):,} matches over {int((counts > 0).sum()):,} of "
+               f"{len(entries):,} entries → {out_path}")
+
+
+@main.command()
+@click.argument("matched")
+@click.option("--counts", "counts_path", required=True, help="COUNTS.parquet from `count`.")
+@click.option("--t", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Head/tail threshold (MetaCLIP: 20000 for 400M, 170000 for 2.5B).")
+@click.option("--tail-proportion", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Derive t from the share of matches in tail entries (MetaCLIP 2 p_to_t).")
+@click.option("--seed", type=int, required=True)
+@click.option("-o", "--out", "out_dir", required=True)
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def balance(matched: str, counts_path: str, t: float | None, tail_proportion: float | None,
+            seed: int, out_dir: str, address: str | None, num_cpus: int | None, overwrite: bool,
+            quiet: bool) -> None:
+    """Keep rows with probability 1 - prod(1 - min(1, t/count_e)) over their entries.
+
+    \b
+    Example:
+      curation balance out/match --counts out/counts.parquet --t 20000 --seed 0 -o out/curated
+    """
+    from curation.pipeline import balance as run_balance
+    from curation.pipeline import read_counts, resolve_t
+
+    if (t is None) == (tail_proportion is None):
+        raise click.UsageError("give exactly one of --t or --tail-proportion")
+    counts = read_counts(counts_path)
+    t, p = resolve_t(counts, t, tail_proportion)
+    _ray(address, num_cpus)
+    s = run_balance(matched, counts, out_dir, t=t, seed=seed, overwrite=overwrite,
+                    progress=not quiet)
+    click.echo(f"balance: t = {t:,.0f}, tail proportion = {p:.4f}, rows in {s['rows_read']:,}, "
+               f"rows out {s['rows_written']:,}, dropped {s['rows_dropped']} → {out_dir}")
+
+
+@main.command()
+@click.argument("job_path", metavar="JOB")
+@click.option("-o", "--out", "out_dir", default=None, help="Output folder (default: the job's).")
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def run(job_path: str, out_dir: str | None, address: str | None, num_cpus: int | None,
+        overwrite: bool, quiet: bool) -> None:
+    """Run a whole job spec: ingest → match → count → balance → report.
+
+    Resumable: a rerun skips finished shards; a changed spec needs --overwrite.
+
+    \b
+    Example:
+      curation run jobs/demo.yaml -o runs/demo
+      curation run jobs/metaclip_400m.yaml --address ray://head:10001
+    """
+    from curation.job import load_job
+    from curation.pipeline import run_job
+
+    spec = load_job(job_path)
+    out = out_dir or spec.output
+    if not out:
+        raise click.UsageError(f"{job_path} has no 'output'; pass -o OUT")
+    from curation.metadata import load_metadata
+
+    load_metadata(spec.metadata)
+    _ray(address, num_cpus)
+    m = run_job(spec, out, overwrite=overwrite, progress=not quiet)
+    st = m["stages"]
+    click.echo(
+        f"\nrun {spec.name}: pairs {st['ingest']['rows_written']:,} → matched "
+        f"{st['match']['counters'].get('rows_with_match', 0):,} → curated "
+        f"{st['balance']['rows_written']:,} (t = {m['balance']['t']:,.0f}, "
+        f"p = {m['balance']['tail_proportion']:.4f}); quarantined {m['quarantined']}\n"
+        f"  curated:  {out}/balance/\n  manifest: {out}/manifest.json\n"
+        f"  report:   {out}/report/summary.md, {out}/report/entry_counts.png"
+    )
+
+
+@main.command()
+@click.argument("out_dir")
+def status(out_dir: str) -> None:
+    """Show what is done, pending and quarantined in a run folder.
+
+    \b
+    Example:
+      curation status runs/demo
+    """
+    from curation.pipeline import status as run_status
+
+    click.echo(json.dumps(run_status(out_dir), indent=2, sort_keys=True))
+
+
+def _run() -> None:  # pragma: no cover
+    try:
+        main(standalone_mode=True)
+    except Exception as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)

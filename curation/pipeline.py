@@ -1,0 +1,403 @@
+"""Stage wiring: per-shard task functions and the drivers behind each CLI command and `run`.
+
+Task functions run inside Ray workers; they build their stage object once per worker process
+(`runner.cached`), process one shard, write the part atomically and then the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation import __version__, fsio
+from curation.runner import (
+    Shard,
+    cached,
+    fingerprint,
+    part_url,
+    run_stage,
+    shard_names,
+    write_marker,
+)
+
+# Test hook: when set to a folder, each task crashes its worker process once per (stage, shard)
+# before writing output, to prove that retries and reruns give identical results.
+FAULT_ENV = "CURATION_FAULT_DIR"
+
+
+def _maybe_crash(stage: str, shard: str) -> None:
+    fault_dir = os.environ.get(FAULT_ENV)
+    if not fault_dir:
+        return
+    sentinel = os.path.join(fault_dir, f"{stage}-{shard}")
+    if not os.path.exists(sentinel):
+        with open(sentinel, "w") as f:
+            f.write("crashed once\n")
+        os._exit(1)
+
+
+def _finish(stage_dir: str, shard: Shard, table: pa.Table, counts: Counter, **extra: Any) -> dict:
+    fsio.atomic_write_parquet(part_url(stage_dir, shard.name), table)
+    counts["rows_written"] = table.num_rows
+    stats = {"shard": shard.name, "input": shard.input, "counts": dict(sorted(counts.items()))}
+    stats.update(extra)
+    write_marker(stage_dir, shard.name, stats)
+    return stats
+
+
+# -- task functions (run in Ray workers) -------------------------------------------------------
+def synth_task(shard: Shard, stage_dir: str, params: dict) -> dict:
+    from curation.synth import generate_shard
+
+    index = int(shard.name.rsplit("-", 1)[-1])
+    data, truth = generate_shard(
+        params["seed"], index, params["pairs_per_shard"], malformed_rate=params["malformed_rate"]
+    )
+    fsio.atomic_write_bytes(shard.input, data)
+    stats = {"shard": shard.name, "input": shard.input, "counts": {"pairs": truth.pairs},
+             "malformed": dict(truth.malformed)}
+    write_marker(stage_dir, shard.name, stats)
+    return stats
+
+
+def ingest_task(shard: Shard, stage_dir: str, params: dict) -> dict:
+    from curation.ingest import Ingestor
+
+    ingestor = cached("ingest:" + fingerprint(params), lambda: Ingestor(**params))
+    _maybe_crash("ingest", shard.name)
+    result = ingestor.process_shard(shard.input, shard.name)
+    return _finish(stage_dir, shard, result.table, result.counts,
+                   input_bytes=result.input_bytes, input_sha256=result.input_sha256,
+                   quarantine=result.quarantine)
+
+
+def _matcher(params: dict) -> Any:
+    def build() -> Any:
+        from curation.match import Matcher
+        from curation.metadata import load_metadata
+
+        md = load_metadata(params["metadata"])
+        if md.checksum != params["checksum"]:
+            raise RuntimeError(
+                f"metadata {params['metadata']} changed while the job ran "
+                f"({md.checksum} != {params['checksum']})"
+            )
+        m = Matcher(md.entries, engine=params["engine"], script_aware=params["script_aware"])
+        m.setup()
+        return m
+
+    return cached("match:" + fingerprint(params), build)
+
+
+def match_task(shard: Shard, stage_dir: str, params: dict) -> dict:
+    matcher = _matcher(params)
+    _maybe_crash("match", shard.name)
+    table = pq.read_table(shard.input)
+    out = matcher.process(table)
+    counts: Counter = Counter(rows_read=table.num_rows)
+    lengths = pa.compute.list_value_length(out.column("entry_ids"))
+    counts["rows_with_match"] = int(pa.compute.sum(pa.compute.greater(lengths, 0)).as_py() or 0)
+    counts["matches"] = int(pa.compute.sum(lengths).as_py() or 0)
+    return _finish(stage_dir, shard, out, counts)
+
+
+def count_task(url: str, num_entries: int) -> np.ndarray:
+    from curation.balance import count_entries
+
+    ids = pq.read_table(url, columns=["entry_ids"]).column("entry_ids")
+    return count_entries(ids, num_entries)
+
+
+def balance_task(shard: Shard, stage_dir: str, probs: np.ndarray, seed: int) -> dict:
+    from curation.balance import Balancer
+
+    _maybe_crash("balance", shard.name)
+    table = pq.read_table(shard.input)
+    kept, counts = Balancer(probs, seed).process(table)
+    return _finish(stage_dir, shard, kept, counts)
+
+
+# -- drivers -------------------------------------------------------------------------------------
+def parts_of(folder: str) -> list[Shard]:
+    """Shards of a stage output folder (`part-<name>.parquet`), or of a single Parquet file."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(folder)
+    if fs.isfile(path):
+        return [Shard(name=fsio.shard_name(folder).removeprefix("part-"), input=folder)]
+    files = sorted(p for p in fs.find(path) if p.rsplit("/", 1)[-1].startswith("part-")
+                   and p.endswith(".parquet") and ".tmp-" not in p)
+    if not files:
+        raise FileNotFoundError(f"{folder} has no part-*.parquet files")
+    return [Shard(name=p.rsplit("/", 1)[-1][len("part-"):-len(".parquet")],
+                  input=fsio.full_url(fs, p)) for p in files]
+
+
+def _inputs_fingerprint(urls: Sequence[str]) -> list[list]:
+    from fsspec.core import url_to_fs
+
+    out = []
+    for u in urls:
+        fs, p = url_to_fs(u)
+        try:
+            size = fs.info(p).get("size")
+        except FileNotFoundError:
+            size = None
+        out.append([u, size])
+    return out
+
+
+def summarize(stage: str, markers: dict[str, dict]) -> dict[str, Any]:
+    """Sum per-shard counters and check that rows read = written + dropped by reason."""
+    total: Counter = Counter()
+    for m in markers.values():
+        total.update(m.get("counts", {}))
+    dropped = {k[len("rows_dropped_"):]: v for k, v in sorted(total.items())
+               if k.startswith("rows_dropped_")}
+    read, written = total.get("rows_read", 0), total.get("rows_written", 0)
+    if "rows_read" in total and read != written + sum(dropped.values()):
+        raise RuntimeError(
+            f"{stage}: counts do not reconcile: read {read} != written {written} + dropped "
+            f"{sum(dropped.values())} ({dropped})"
+        )
+    return {"shards": len(markers), "rows_read": read, "rows_written": written,
+            "rows_dropped": dropped, "counters": dict(sorted(total.items()))}
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as im
+
+    out = {"curation": __version__, "python": platform.python_version()}
+    for pkg in ("numpy", "pyarrow", "polars", "ray", "pyahocorasick", "fastwarc", "fsspec"):
+        try:
+            out[pkg] = im.version(pkg)
+        except im.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def write_quarantine(out: str, stage_markers: list[dict[str, dict]]) -> int:
+    lines = []
+    for markers in stage_markers:
+        for m in markers.values():
+            for q in m.get("quarantine", []):
+                lines.append(json.dumps(q, sort_keys=True, ensure_ascii=False))
+    fsio.atomic_write_bytes(fsio.join(out, "quarantine.jsonl"),
+                            ("\n".join(lines) + ("\n" if lines else "")).encode())
+    return len(lines)
+
+
+def ingest(inputs: Sequence[str], out: str, *, max_text_chars: int = 1000,
+           overwrite: bool = False, progress: bool = True, stage_dir: str | None = None) -> dict:
+    """Ingest input shards into `stage_dir or out` (one part per shard). Returns the summary."""
+    from curation.ingest import INPUT_SUFFIXES, Ingestor
+
+    Ingestor(max_text_chars=max_text_chars)  # validates parameters before any work
+    urls = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES)
+    shards = shard_names(urls)
+    params = {"max_text_chars": max_text_chars}
+    stage_dir = stage_dir or out
+    fp = {"stage": "ingest", "params": params, "inputs": _inputs_fingerprint(urls)}
+    markers = run_stage("ingest", stage_dir, shards, ingest_task, (params,), fp=fp,
+                        overwrite=overwrite, progress=progress)
+    summary = summarize("ingest", markers)
+    summary["inputs"] = [{"url": m["input"], "bytes": m.get("input_bytes"),
+                          "sha256": m.get("input_sha256")} for m in markers.values()]
+    summary["input_bytes"] = sum(m.get("input_bytes") or 0 for m in markers.values())
+    summary["_markers"] = markers
+    return summary
+
+
+def match(inp: str, metadata: str, stage_dir: str, *, engine: str = "auto",
+          script_aware: bool = False, overwrite: bool = False, progress: bool = True,
+          upstream: str = "") -> dict:
+    from curation.metadata import load_metadata
+
+    md = load_metadata(metadata)
+    params = {"metadata": metadata, "checksum": md.checksum, "engine": engine,
+              "script_aware": script_aware}
+    shards = parts_of(inp)
+    fp = {"stage": "match", "params": params, "upstream": upstream,
+          "inputs": [] if upstream else _inputs_fingerprint([s.input for s in shards])}
+    markers = run_stage("match", stage_dir, shards, match_task, (params,), fp=fp,
+                        overwrite=overwrite, progress=progress)
+    summary = summarize("match", markers)
+    summary["metadata"] = {"path": metadata, "entries": len(md), "checksum": md.checksum}
+    summary["_markers"] = markers
+    return summary
+
+
+def count(inp: str, metadata: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Global entry counts over every part of `inp` (the barrier before balancing)."""
+    import ray
+
+    from curation.metadata import load_metadata
+
+    md = load_metadata(metadata)
+    remote = ray.remote(num_cpus=1, max_retries=3)(count_task)
+    refs = [remote.remote(s.input, len(md)) for s in parts_of(inp)]
+    total = np.zeros(len(md), dtype=np.uint64)
+    for ref in refs:
+        total += ray.get(ref)
+    return total, md.entries
+
+
+def write_counts(counts: np.ndarray, entries: Sequence[str], path: str) -> None:
+    table = pa.table({
+        "entry_id": pa.array(np.arange(len(entries), dtype=np.uint32)),
+        "entry": pa.array(list(entries), pa.string()),
+        "count": pa.array(counts.astype(np.uint64)),
+    })
+    fsio.atomic_write_parquet(path, table)
+
+
+def read_counts(path: str) -> np.ndarray:
+    t = pq.read_table(path, columns=["entry_id", "count"])
+    ids = t.column("entry_id").to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise ValueError(f"{path}: entry_id must be 0..N-1 in order (one row per metadata entry)")
+    return t.column("count").to_numpy().astype(np.uint64)
+
+
+def resolve_t(counts: np.ndarray, t: float | None, tail_proportion: float | None) -> tuple[float, float]:
+    from curation.balance import p_to_t, t_to_p
+
+    if (t is None) == (tail_proportion is None):
+        raise ValueError("give exactly one of t or tail_proportion")
+    if t is None:
+        t = float(p_to_t(counts, tail_proportion))
+    return float(t), t_to_p(counts, t)
+
+
+def balance(inp: str, counts: np.ndarray, stage_dir: str, *, t: float, seed: int,
+            overwrite: bool = False, progress: bool = True, upstream: str = "") -> dict:
+    from curation.balance import entry_probabilities
+
+    probs = entry_probabilities(counts, t)
+    shards = parts_of(inp)
+    fp = {"stage": "balance", "t": t, "seed": seed, "upstream": upstream,
+          "counts": fingerprint(counts.tolist()),
+          "inputs": [] if upstream else _inputs_fingerprint([s.input for s in shards])}
+    markers = run_stage("balance", stage_dir, shards, balance_task, (probs, seed), fp=fp,
+                        overwrite=overwrite, progress=progress)
+    summary = summarize("balance", markers)
+    summary["_markers"] = markers
+    return summary
+
+
+def public(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if not k.startswith("_")}
+
+
+def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run a whole job: (synth →) ingest → match → count → balance → report → manifest.json.
+
+    Every stage resumes from its completion markers; a changed spec refuses to reuse old parts
+    unless `overwrite`. The manifest holds no timestamps, so same inputs ⇒ same bytes.
+    """
+    from curation.metadata import load_metadata
+    from curation.report import write_report
+
+    md = load_metadata(spec.metadata)  # fail before any work if the metadata is bad
+    inputs = list(spec.paths)
+    manifest: dict[str, Any] = {"job": spec.to_dict(), "versions": versions(), "stages": {}}
+    stage_markers: list[dict[str, dict]] = []
+    if spec.synth is not None:
+        s = spec.synth
+        from curation.synth import shard_file_name
+
+        sdir = fsio.join(out, "input")
+        shards = [Shard(name=f"synth-{i:05d}", input=fsio.join(sdir, shard_file_name(i)))
+                  for i in range(s.shards)]
+        params = {"seed": s.seed, "pairs_per_shard": s.pairs_per_shard,
+                  "malformed_rate": s.malformed_rate}
+        markers = run_stage("synth", sdir, shards, synth_task, (params,),
+                            fp={"stage": "synth", "params": params, "shards": s.shards},
+                            overwrite=overwrite, progress=progress)
+        manifest["stages"]["synth"] = {
+            "shards": len(markers),
+            "pairs": sum(m["counts"]["pairs"] for m in markers.values()),
+        }
+        inputs = [sh.input for sh in shards]
+    else:
+        from curation.ingest import INPUT_SUFFIXES
+
+        inputs = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES)
+
+    ing = ingest(inputs, out, max_text_chars=spec.max_text_chars, overwrite=overwrite,
+                 progress=progress, stage_dir=fsio.join(out, "ingest"))
+    stage_markers.append(ing.pop("_markers"))
+    manifest["inputs"] = ing.pop("inputs")
+    manifest["stages"]["ingest"] = ing
+    up = fingerprint({"ingest": ing["counters"], "inputs": manifest["inputs"]})
+
+    mt = match(fsio.join(out, "ingest"), spec.metadata, fsio.join(out, "match"),
+               engine=spec.engine, script_aware=spec.script_aware, overwrite=overwrite,
+               progress=progress, upstream=up)
+    stage_markers.append(mt.pop("_markers"))
+    manifest["metadata"] = mt.pop("metadata")
+    manifest["stages"]["match"] = mt
+
+    before, entries = count(fsio.join(out, "match"), spec.metadata)
+    write_counts(before, entries, fsio.join(out, "counts", "entry_counts.parquet"))
+    t, p = resolve_t(before, spec.t, spec.tail_proportion)
+    manifest["balance"] = {"t": t, "tail_proportion": p, "seed": spec.seed,
+                           "t_given": spec.t is not None}
+    manifest["stages"]["count"] = {"entries": len(md), "matches": int(before.sum()),
+                                   "entries_matched": int((before > 0).sum())}
+
+    up = fingerprint({"match": mt["counters"], "up": up})
+    bl = balance(fsio.join(out, "match"), before, fsio.join(out, "balance"), t=t, seed=spec.seed,
+                 overwrite=overwrite, progress=progress, upstream=up)
+    stage_markers.append(bl.pop("_markers"))
+    manifest["stages"]["balance"] = bl
+
+    after, _ = count(fsio.join(out, "balance"), spec.metadata)
+    write_counts(after, entries, fsio.join(out, "counts", "entry_counts_balanced.parquet"))
+    report = write_report(out, before, after, entries, t, p)
+    manifest["report"] = {"head_tail_before": report["before"], "head_tail_after": report["after"]}
+    manifest["quarantined"] = write_quarantine(out, stage_markers)
+    manifest["outputs"] = {
+        "curated": fsio.join(out, "balance"),
+        "counts": fsio.join(out, "counts", "entry_counts.parquet"),
+        "report": fsio.join(out, "report"),
+        "quarantine": fsio.join(out, "quarantine.jsonl"),
+    }
+    fsio.atomic_write_json(fsio.join(out, "manifest.json"), manifest)
+    return manifest
+
+
+def status(out: str) -> dict[str, Any]:
+    """What is done, pending and quarantined in a run folder (reads markers only)."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(out)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{out} is not a run folder")
+    res: dict[str, Any] = {"stages": {}}
+    for stage in ("input", "ingest", "match", "balance"):
+        sdir = fsio.join(out, stage)
+        if not fs.isdir(url_to_fs(sdir)[1]):
+            continue
+        done = [p for p in fs.glob(url_to_fs(fsio.join(sdir, "_done", "*.json"))[1])]
+        parts = [p for p in fs.glob(url_to_fs(fsio.join(sdir, "part-*.parquet"))[1])]
+        res["stages"][stage] = {"done": len(done), "parts_without_marker": max(0, len(parts) - len(done))}
+    ing = fsio.join(out, "input")
+    if fs.isdir(url_to_fs(ing)[1]):
+        total = len(fs.glob(url_to_fs(fsio.join(ing, "*.warc.wat.gz"))[1]))
+        res["stages"]["input"]["files"] = total
+    q = fsio.join(out, "quarantine.jsonl")
+    if fsio.exists(q):
+        with fs.open(url_to_fs(q)[1], "rb") as f:
+            lines = [json.loads(x) for x in f.read().splitlines() if x.strip()]
+        res["quarantined"] = dict(Counter(x["reason"] for x in lines))
+    res["manifest"] = fsio.exists(fsio.join(out, "manifest.json"))
+    return res

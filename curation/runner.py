@@ -1,0 +1,208 @@
+"""The one module that knows Ray: maps per-shard stage functions over shards, resumably.
+
+A stage run writes `STAGE_DIR/part-<shard>.parquet` (atomically) and then
+`STAGE_DIR/_done/<shard>.json` (the completion marker, with the shard's counters). A rerun skips
+shards whose marker exists. `STAGE_DIR/_stage.json` holds the stage's fingerprint (its parameters
+and its inputs' fingerprints); a rerun with a different fingerprint refuses to reuse old parts
+unless told to overwrite. Stage objects (automata, tables) are built once per worker process and
+cached there, keyed by their parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from curation import fsio
+
+MARKER_DIR = "_done"
+STAGE_FILE = "_stage.json"
+_WORKER_CACHE: dict[str, Any] = {}
+
+
+class ResumeError(RuntimeError):
+    """An output folder holds results of a different job; says how to proceed."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: a stable name (from the input file) and the input URL."""
+
+    name: str
+    input: str
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj`."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def cached(key: str, build: Callable[[], Any]) -> Any:
+    """Per-worker-process cache: `build()` runs once per process for each key."""
+    obj = _WORKER_CACHE.get(key)
+    if obj is None:
+        obj = build()
+        _WORKER_CACHE[key] = obj
+    return obj
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address` / RAY_ADDRESS, or start a local Ray cluster if neither is given."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def shard_names(inputs: Sequence[str]) -> list[Shard]:
+    """Stable, unique shard names from input URLs (a short path hash breaks name collisions)."""
+    names = [fsio.shard_name(u) for u in inputs]
+    dup = {n for n in names if names.count(n) > 1}
+    out = []
+    for url, name in zip(inputs, names):
+        if name in dup:
+            name = f"{name}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+        out.append(Shard(name=name, input=url))
+    return out
+
+
+def part_url(stage_dir: str, shard: str) -> str:
+    return fsio.join(stage_dir, f"part-{shard}.parquet")
+
+
+def marker_url(stage_dir: str, shard: str) -> str:
+    return fsio.join(stage_dir, MARKER_DIR, f"{shard}.json")
+
+
+def write_marker(stage_dir: str, shard: str, stats: dict[str, Any]) -> None:
+    """Write the completion marker last, after the part is in place."""
+    fsio.atomic_write_json(marker_url(stage_dir, shard), stats)
+
+
+def prepare_stage_dir(stage_dir: str, fp: dict[str, Any], overwrite: bool) -> None:
+    """Create the stage folder, or check that its fingerprint matches (else refuse / wipe)."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(stage_dir)
+    stage_file = fsio.join(stage_dir, STAGE_FILE)
+    if fs.exists(path):
+        if fs.exists(url_to_fs(stage_file)[1]):
+            old = fsio.read_json(stage_file)
+            if old != fp:
+                if not overwrite:
+                    changed = sorted(
+                        k for k in set(old) | set(fp) if old.get(k) != fp.get(k)
+                    )
+                    raise ResumeError(
+                        f"{stage_dir} holds results of a different job (changed: "
+                        f"{', '.join(changed)}). Rerun with --overwrite to replace them, or "
+                        "write to another output folder."
+                    )
+                fs.rm(path, recursive=True)
+        elif overwrite:
+            fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    fs.makedirs(url_to_fs(fsio.join(stage_dir, MARKER_DIR))[1], exist_ok=True)
+    if not fs.exists(url_to_fs(stage_file)[1]):
+        fsio.atomic_write_json(stage_file, fp)
+    _remove_stale_temps(fs, path)
+
+
+def _remove_stale_temps(fs: Any, path: str) -> None:
+    for p in fs.find(path):
+        if ".tmp-" in p.rsplit("/", 1)[-1]:
+            fs.rm(p)
+
+
+def read_marker(stage_dir: str, shard: str) -> dict[str, Any] | None:
+    url = marker_url(stage_dir, shard)
+    return fsio.read_json(url) if fsio.exists(url) else None
+
+
+def run_stage(
+    name: str,
+    stage_dir: str,
+    shards: Sequence[Shard],
+    task: Callable[..., dict[str, Any]],
+    args: tuple = (),
+    *,
+    fp: dict[str, Any],
+    overwrite: bool = False,
+    num_cpus: float = 1,
+    max_in_flight: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run `task(shard, stage_dir, *args)` as one Ray task per shard not yet done.
+
+    Returns each shard's marker contents (counters), in shard order, including shards finished
+    by an earlier run. Tasks retry on worker death (their outputs are deterministic, so a retry
+    writes identical bytes). At most `max_in_flight` tasks are queued at once (bounded memory).
+    """
+    import ray
+
+    prepare_stage_dir(stage_dir, fp, overwrite)
+    done: dict[str, dict[str, Any]] = {}
+    todo: list[Shard] = []
+    for s in shards:
+        m = read_marker(stage_dir, s.name)
+        if m is None:
+            todo.append(s)
+        else:
+            done[s.name] = m
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(task)
+    cpus = int(ray.available_resources().get("CPU", 1)) or 1
+    limit = max_in_flight or max(2, 2 * cpus)
+    bar = _progress(name, len(shards), len(done), enabled=progress)
+    pending: dict[Any, Shard] = {}
+    queue = list(todo)
+    rows = 0
+    start = time.time()
+    refs_args = [ray.put(a) if _is_large(a) else a for a in args]
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                s = queue.pop(0)
+                pending[remote.remote(s, stage_dir, *refs_args)] = s
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                s = pending.pop(ref)
+                stats = ray.get(ref)
+                done[s.name] = stats
+                rows += int(stats.get("counts", {}).get("rows_written", 0))
+                if bar is not None:
+                    bar.update(1)
+                    rate = rows / max(time.time() - start, 1e-9)
+                    bar.set_postfix(rows=rows, rows_per_s=f"{rate:,.0f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return {s.name: done[s.name] for s in shards}
+
+
+def _is_large(obj: Any) -> bool:
+    try:
+        import numpy as np
+
+        return isinstance(obj, np.ndarray) and obj.nbytes > 1 << 16
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _progress(name: str, total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"{name:>8}", unit="shard", dynamic_ncols=True)
