@@ -42,9 +42,7 @@ def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
     n = len(strings)
     bufs = strings.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int64)[strings.offset : strings.offset + n + 1]
-    data = (
-        np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
-    )
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
     starts = offsets[:-1]
     lengths = offsets[1:] - starts
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
@@ -134,7 +132,9 @@ class Balancer:
             if col not in table.column_names:
                 raise ValueError(f"balance needs a {col!r} column; run `curation match` first")
         n = table.num_rows
-        ids = table.column("entry_ids").combine_chunks() if n else pa.array([], pa.list_(pa.uint32()))
+        ids = (
+            table.column("entry_ids").combine_chunks() if n else pa.array([], pa.list_(pa.uint32()))
+        )
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
         flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int64)

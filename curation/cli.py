@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
 
 from curation import __version__
 
-ADDRESS = click.option("--address", default=None, envvar="RAY_ADDRESS",
-                       help="Ray cluster address (default: $RAY_ADDRESS, else start a local one).")
-NUM_CPUS = click.option("--num-cpus", type=int, default=None,
-                        help="CPUs for the local Ray cluster (default: all).")
-OVERWRITE = click.option("--overwrite", is_flag=True,
-                         help="Replace results of a different earlier job in the output folder.")
+ADDRESS = click.option(
+    "--address",
+    default=None,
+    envvar="RAY_ADDRESS",
+    help="Ray cluster address (default: $RAY_ADDRESS, else start a local one).",
+)
+NUM_CPUS = click.option(
+    "--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)."
+)
+OVERWRITE = click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace results of a different earlier job in the output folder.",
+)
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
@@ -31,7 +38,23 @@ def _echo_summary(title: str, summary: dict[str, Any]) -> None:
     click.echo(f"{title}: " + json.dumps(public(summary), indent=2, sort_keys=True))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Turns user-facing errors (bad spec, metadata, inputs, resume conflicts) into one clear line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from curation.job import JobSpecError
+        from curation.metadata import MetadataError
+        from curation.runner import ResumeError
+
+        try:
+            return super().invoke(ctx)
+        except (JobSpecError, MetadataError, ResumeError, FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="curation")
 def main() -> None:
     """Metadata-balanced curation of web image-text pairs (MetaCLIP) on Ray.
@@ -53,11 +76,22 @@ def main() -> None:
 @click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--pairs-per-shard", type=click.IntRange(min=0), default=10000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--malformed-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Share of pages replaced by malformed records (bad JSON/UTF-8, null URLs, ...).")
+@click.option(
+    "--malformed-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of pages replaced by malformed records (bad JSON/UTF-8, null URLs, ...).",
+)
 @click.option("--no-languages", is_flag=True, help="English captions only.")
-def synth(out_dir: str, shards: int, pairs_per_shard: int, seed: int, malformed_rate: float,
-          no_languages: bool) -> None:
+def synth(
+    out_dir: str,
+    shards: int,
+    pairs_per_shard: int,
+    seed: int,
+    malformed_rate: float,
+    no_languages: bool,
+) -> None:
     """Write a synthetic CommonCrawl-style WAT pool (same seed ⇒ same bytes).
 
     \b
@@ -66,23 +100,43 @@ def synth(out_dir: str, shards: int, pairs_per_shard: int, seed: int, malformed_
     """
     from curation.synth import write_synthetic_pool
 
-    s = write_synthetic_pool(out_dir, shards, pairs_per_shard, seed,
-                             malformed_rate=malformed_rate, languages=not no_languages)
-    click.echo(f"wrote {len(s.files)} shards, {s.total_pairs:,} pairs in {s.seconds:.1f}s "
-               f"to {out_dir} (truth: {out_dir}/synth_truth.json)")
+    s = write_synthetic_pool(
+        out_dir,
+        shards,
+        pairs_per_shard,
+        seed,
+        malformed_rate=malformed_rate,
+        languages=not no_languages,
+    )
+    click.echo(
+        f"wrote {len(s.files)} shards, {s.total_pairs:,} pairs in {s.seconds:.1f}s "
+        f"to {out_dir} (truth: {out_dir}/synth_truth.json)"
+    )
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
-@click.option("--max-text-chars", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Cut texts longer than this (after normalization); the cut is counted.")
+@click.option(
+    "--max-text-chars",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Cut texts longer than this (after normalization); the cut is counted.",
+)
 @ADDRESS
 @NUM_CPUS
 @OVERWRITE
 @QUIET
-def ingest(inputs: tuple[str, ...], out_dir: str, max_text_chars: int, address: str | None,
-           num_cpus: int | None, overwrite: bool, quiet: bool) -> None:
+def ingest(
+    inputs: tuple[str, ...],
+    out_dir: str,
+    max_text_chars: int,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Extract (image URL, alt-text) pairs from WAT, Parquet or JSONL shards.
 
     INPUTS are files, globs, brace patterns or folders on any fsspec URL. Writes one
@@ -98,14 +152,22 @@ def ingest(inputs: tuple[str, ...], out_dir: str, max_text_chars: int, address: 
     from curation.pipeline import public, versions, write_quarantine
 
     _ray(address, num_cpus)
-    summary = run_ingest(list(inputs), out_dir, max_text_chars=max_text_chars,
-                         overwrite=overwrite, progress=not quiet)
+    summary = run_ingest(
+        list(inputs),
+        out_dir,
+        max_text_chars=max_text_chars,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
     n_q = write_quarantine(out_dir, [summary.pop("_markers")])
-    fsio.atomic_write_json(fsio.join(out_dir, "manifest.json"),
-                           {"stage": "ingest", "versions": versions(), "summary": public(summary),
-                            "quarantined": n_q})
-    click.echo(f"ingest: {summary['rows_written']:,} pairs from {summary['shards']} shards "
-               f"({summary['input_bytes'] / 1e6:.1f} MB), {n_q} quarantined → {out_dir}")
+    fsio.atomic_write_json(
+        fsio.join(out_dir, "manifest.json"),
+        {"stage": "ingest", "versions": versions(), "summary": public(summary), "quarantined": n_q},
+    )
+    click.echo(
+        f"ingest: {summary['rows_written']:,} pairs from {summary['shards']} shards "
+        f"({summary['input_bytes'] / 1e6:.1f} MB), {n_q} quarantined → {out_dir}"
+    )
 
 
 @main.group()
@@ -114,11 +176,18 @@ def metadata() -> None:
 
 
 @metadata.command("build")
-@click.option("--wordnet-dir", default=None,
-              help="WordNet 3.0 database folder (Debian: /usr/share/wordnet); default: search.")
+@click.option(
+    "--wordnet-dir",
+    default=None,
+    help="WordNet 3.0 database folder (Debian: /usr/share/wordnet); default: search.",
+)
 @click.option("-o", "--out", "out_path", default="metadata/metadata_en.json", show_default=True)
-@click.option("--unigram-min-zipf", type=float, default=None,
-              help="wordfreq Zipf threshold for the unigram part (default: the documented one).")
+@click.option(
+    "--unigram-min-zipf",
+    type=float,
+    default=None,
+    help="wordfreq Zipf threshold for the unigram part (default: the documented one).",
+)
 def metadata_build(wordnet_dir: str | None, out_path: str, unigram_min_zipf: float | None) -> None:
     """Build the default English metadata (WordNet lemmas + wordfreq unigrams + 0-99).
 
@@ -149,23 +218,42 @@ def metadata_info(path: str, sample: int) -> None:
     click.echo(f"file:     {path}\nentries:  {len(md):,}\nchecksum: {md.checksum}")
     if sample > 0 and len(md):
         step = max(1, len(md) // sample)
-        click.echo("sample:   " + ", ".join(repr(md.entries[i]) for i in range(0, len(md), step)[:sample]))
+        click.echo(
+            "sample:   " + ", ".join(repr(md.entries[i]) for i in range(0, len(md), step)[:sample])
+        )
 
 
 @main.command()
 @click.argument("input_path", metavar="INPUT")
 @click.option("-m", "--metadata", "metadata_path", required=True, help="Metadata file.")
 @click.option("-o", "--out", "out_dir", required=True)
-@click.option("--engine", type=click.Choice(["auto", "ngram", "ahocorasick"]), default="auto",
-              show_default=True, help="auto: exact n-gram engine; ahocorasick: the reference.")
-@click.option("--script-aware", is_flag=True,
-              help="MetaCLIP 2 boundaries for scripts written without spaces (CJK, Thai, ...).")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "ngram", "ahocorasick"]),
+    default="auto",
+    show_default=True,
+    help="auto: exact n-gram engine; ahocorasick: the reference.",
+)
+@click.option(
+    "--script-aware",
+    is_flag=True,
+    help="MetaCLIP 2 boundaries for scripts written without spaces (CJK, Thai, ...).",
+)
 @ADDRESS
 @NUM_CPUS
 @OVERWRITE
 @QUIET
-def match(input_path: str, metadata_path: str, out_dir: str, engine: str, script_aware: bool,
-          address: str | None, num_cpus: int | None, overwrite: bool, quiet: bool) -> None:
+def match(
+    input_path: str,
+    metadata_path: str,
+    out_dir: str,
+    engine: str,
+    script_aware: bool,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Add `entry_ids` (matched metadata entries, MetaCLIP semantics) to every row.
 
     INPUT is a Parquet file or a folder of part-*.parquet with a `text` column.
@@ -177,10 +265,19 @@ def match(input_path: str, metadata_path: str, out_dir: str, engine: str, script
     from curation.pipeline import match as run_match
 
     _ray(address, num_cpus)
-    s = run_match(input_path, metadata_path, out_dir, engine=engine, script_aware=script_aware,
-                  overwrite=overwrite, progress=not quiet)
-    click.echo(f"match: {s['rows_written']:,} rows, {s['counters'].get('rows_with_match', 0):,} "
-               f"with a match, {s['counters'].get('matches', 0):,} matches → {out_dir}")
+    s = run_match(
+        input_path,
+        metadata_path,
+        out_dir,
+        engine=engine,
+        script_aware=script_aware,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    click.echo(
+        f"match: {s['rows_written']:,} rows, {s['counters'].get('rows_with_match', 0):,} "
+        f"with a match, {s['counters'].get('matches', 0):,} matches → {out_dir}"
+    )
 
 
 @main.command()
@@ -189,8 +286,9 @@ def match(input_path: str, metadata_path: str, out_dir: str, engine: str, script
 @click.option("-o", "--out", "out_path", required=True, help="COUNTS.parquet to write.")
 @ADDRESS
 @NUM_CPUS
-def count(matched: str, metadata_path: str, out_path: str, address: str | None,
-          num_cpus: int | None) -> None:
+def count(
+    matched: str, metadata_path: str, out_path: str, address: str | None, num_cpus: int | None
+) -> None:
     """Count matches per metadata entry over the whole pool (entry_id, entry, count).
 
     \b
@@ -203,26 +301,45 @@ def count(matched: str, metadata_path: str, out_path: str, address: str | None,
     _ray(address, num_cpus)
     counts, entries = run_count(matched, metadata_path)
     write_counts(counts, entries, out_path)
-    click.echo(f"count: {int(counts.sum()):,} matches over {int((counts > 0).sum()):,} of "
-               f"{len(entries):,} entries → {out_path}")
+    click.echo(
+        f"count: {int(counts.sum()):,} matches over {int((counts > 0).sum()):,} of "
+        f"{len(entries):,} entries → {out_path}"
+    )
 
 
 @main.command()
 @click.argument("matched")
 @click.option("--counts", "counts_path", required=True, help="COUNTS.parquet from `count`.")
-@click.option("--t", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Head/tail threshold (MetaCLIP: 20000 for 400M, 170000 for 2.5B).")
-@click.option("--tail-proportion", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Derive t from the share of matches in tail entries (MetaCLIP 2 p_to_t).")
+@click.option(
+    "--t",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Head/tail threshold (MetaCLIP: 20000 for 400M, 170000 for 2.5B).",
+)
+@click.option(
+    "--tail-proportion",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Derive t from the share of matches in tail entries (MetaCLIP 2 p_to_t).",
+)
 @click.option("--seed", type=int, required=True)
 @click.option("-o", "--out", "out_dir", required=True)
 @ADDRESS
 @NUM_CPUS
 @OVERWRITE
 @QUIET
-def balance(matched: str, counts_path: str, t: float | None, tail_proportion: float | None,
-            seed: int, out_dir: str, address: str | None, num_cpus: int | None, overwrite: bool,
-            quiet: bool) -> None:
+def balance(
+    matched: str,
+    counts_path: str,
+    t: float | None,
+    tail_proportion: float | None,
+    seed: int,
+    out_dir: str,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Keep rows with probability 1 - prod(1 - min(1, t/count_e)) over their entries.
 
     \b
@@ -237,10 +354,13 @@ def balance(matched: str, counts_path: str, t: float | None, tail_proportion: fl
     counts = read_counts(counts_path)
     t, p = resolve_t(counts, t, tail_proportion)
     _ray(address, num_cpus)
-    s = run_balance(matched, counts, out_dir, t=t, seed=seed, overwrite=overwrite,
-                    progress=not quiet)
-    click.echo(f"balance: t = {t:,.0f}, tail proportion = {p:.4f}, rows in {s['rows_read']:,}, "
-               f"rows out {s['rows_written']:,}, dropped {s['rows_dropped']} → {out_dir}")
+    s = run_balance(
+        matched, counts, out_dir, t=t, seed=seed, overwrite=overwrite, progress=not quiet
+    )
+    click.echo(
+        f"balance: t = {t:,.0f}, tail proportion = {p:.4f}, rows in {s['rows_read']:,}, "
+        f"rows out {s['rows_written']:,}, dropped {s['rows_dropped']} → {out_dir}"
+    )
 
 
 @main.command()
@@ -250,8 +370,14 @@ def balance(matched: str, counts_path: str, t: float | None, tail_proportion: fl
 @NUM_CPUS
 @OVERWRITE
 @QUIET
-def run(job_path: str, out_dir: str | None, address: str | None, num_cpus: int | None,
-        overwrite: bool, quiet: bool) -> None:
+def run(
+    job_path: str,
+    out_dir: str | None,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Run a whole job spec: ingest → match → count → balance → report.
 
     Resumable: a rerun skips finished shards; a changed spec needs --overwrite.
@@ -298,9 +424,5 @@ def status(out_dir: str) -> None:
     click.echo(json.dumps(run_status(out_dir), indent=2, sort_keys=True))
 
 
-def _run() -> None:  # pragma: no cover
-    try:
-        main(standalone_mode=True)
-    except Exception as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -53,9 +53,7 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def expand_inputs(
-    inputs: Iterable[str], suffixes: tuple[str, ...] | None = None
-) -> list[str]:
+def expand_inputs(inputs: Iterable[str], suffixes: tuple[str, ...] | None = None) -> list[str]:
     """Expand files, globs, brace patterns and directories into a sorted, de-duplicated list.
 
     Directories are walked recursively and filtered by `suffixes` (when given). A pattern that
@@ -69,9 +67,7 @@ def expand_inputs(
                 matches = sorted(fs.glob(path))
             elif fs.isdir(path):
                 matches = sorted(
-                    p
-                    for p in fs.find(path)
-                    if suffixes is None or p.endswith(suffixes)
+                    p for p in fs.find(path) if suffixes is None or p.endswith(suffixes)
                 )
             elif fs.exists(path):
                 matches = [path]

@@ -176,8 +176,14 @@ class Ingestor:
                 if record.content_length > self.max_record_bytes:
                     counts["records_dropped_too_large"] += 1
                     result.quarantine.append(
-                        _q(shard, url, "record_too_large", f"{record.content_length} bytes",
-                           record=record_no, offset=record.stream_pos)
+                        _q(
+                            shard,
+                            url,
+                            "record_too_large",
+                            f"{record.content_length} bytes",
+                            record=record_no,
+                            offset=record.stream_pos,
+                        )
                     )
                     continue
                 payload = record.reader.read()
@@ -185,10 +191,15 @@ class Ingestor:
                     counts["records_dropped_truncated"] += 1
                     counts["shards_truncated"] += 1
                     result.quarantine.append(
-                        _q(shard, url, "truncated_shard",
-                           f"record {record_no} has {len(payload)} of "
-                           f"{record.content_length} bytes; file ends early",
-                           record=record_no, offset=record.stream_pos)
+                        _q(
+                            shard,
+                            url,
+                            "truncated_shard",
+                            f"record {record_no} has {len(payload)} of "
+                            f"{record.content_length} bytes; file ends early",
+                            record=record_no,
+                            offset=record.stream_pos,
+                        )
                     )
                     break
                 try:
@@ -196,15 +207,27 @@ class Ingestor:
                 except UnicodeDecodeError as exc:
                     counts["records_dropped_bad_utf8"] += 1
                     result.quarantine.append(
-                        _q(shard, url, "bad_utf8", str(exc), record=record_no,
-                           offset=record.stream_pos)
+                        _q(
+                            shard,
+                            url,
+                            "bad_utf8",
+                            str(exc),
+                            record=record_no,
+                            offset=record.stream_pos,
+                        )
                     )
                     continue
                 except ValueError as exc:
                     counts["records_dropped_bad_json"] += 1
                     result.quarantine.append(
-                        _q(shard, url, "bad_json", str(exc), record=record_no,
-                           offset=record.stream_pos)
+                        _q(
+                            shard,
+                            url,
+                            "bad_json",
+                            str(exc),
+                            record=record_no,
+                            offset=record.stream_pos,
+                        )
                     )
                     continue
                 self._extract(doc, rows, counts)
@@ -214,8 +237,13 @@ class Ingestor:
             # (FastWARC may raise a pyo3 PanicException, a BaseException); keep what was read
             counts["shards_corrupt"] += 1
             result.quarantine.append(
-                _q(shard, url, "corrupt_shard", f"{type(exc).__name__}: {exc}",
-                   record=record_no + 1)
+                _q(
+                    shard,
+                    url,
+                    "corrupt_shard",
+                    f"{type(exc).__name__}: {exc}",
+                    record=record_no + 1,
+                )
             )
         return rows
 
@@ -269,7 +297,7 @@ class Ingestor:
     def _wat_rows_to_table(rows: list[tuple], shard: str) -> pa.Table:
         if not rows:
             return PAIR_SCHEMA.empty_table()
-        urls, texts, keys, pages = zip(*rows)
+        urls, texts, keys, pages = zip(*rows, strict=True)
         url_arr = pa.array(urls, pa.string())
         n = len(rows)
         return pa.Table.from_arrays(
@@ -302,13 +330,20 @@ class Ingestor:
                 raw = self._parse_jsonl(data, url, shard, result)
         except Exception as exc:
             counts["shards_corrupt"] += 1
-            result.quarantine.append(_q(shard, url, "corrupt_shard", f"{type(exc).__name__}: {exc}"))
+            result.quarantine.append(
+                _q(shard, url, "corrupt_shard", f"{type(exc).__name__}: {exc}")
+            )
             return PAIR_SCHEMA.empty_table()
         missing = [c for c in ("url", "text") if c not in raw.column_names]
         if missing:
             counts["shards_bad_schema"] += 1
             result.quarantine.append(
-                _q(shard, url, "bad_schema", f"missing column(s) {missing}; have {raw.column_names}")
+                _q(
+                    shard,
+                    url,
+                    "bad_schema",
+                    f"missing column(s) {missing}; have {raw.column_names}",
+                )
             )
             return PAIR_SCHEMA.empty_table()
         n = raw.num_rows
@@ -342,8 +377,15 @@ class Ingestor:
             else pa.nulls(n, pa.string())
         )
         table = pa.Table.from_arrays(
-            [uid, url_col, text_norm, text_key, page_url,
-             pa.array(np.full(n, shard, dtype=object), pa.string()), source_row],
+            [
+                uid,
+                url_col,
+                text_norm,
+                text_key,
+                page_url,
+                pa.array(np.full(n, shard, dtype=object), pa.string()),
+                source_row,
+            ],
             schema=PAIR_SCHEMA,
         )
         return table.filter(keep)
@@ -371,19 +413,24 @@ class Ingestor:
                 continue
             if not isinstance(obj, dict):
                 result.counts["rows_dropped_bad_json"] += 1
-                result.quarantine.append(_q(shard, url, "bad_json", "line is not an object", record=i))
+                result.quarantine.append(
+                    _q(shard, url, "bad_json", "line is not an object", record=i)
+                )
                 continue
             records.append(obj)
         bad = len(result.quarantine)
-        result.counts["rows_read"] += sum(
-            1 for q in result.quarantine if q["reason"] in ("bad_utf8", "bad_json")
-        ) if bad else 0
+        result.counts["rows_read"] += (
+            sum(1 for q in result.quarantine if q["reason"] in ("bad_utf8", "bad_json"))
+            if bad
+            else 0
+        )
         if not records:
             return pa.table({"url": pa.array([], pa.string()), "text": pa.array([], pa.string())})
         cols = ("uid", "url", "text", "text_key", "page_url")
         present = [c for c in cols if any(c in r for r in records[:1000])] or ["url", "text"]
-        return pa.table({c: pa.array([_as_str(r.get(c)) for r in records], pa.string())
-                         for c in present})
+        return pa.table(
+            {c: pa.array([_as_str(r.get(c)) for r in records], pa.string()) for c in present}
+        )
 
     def _cap_text(self, table: pa.Table) -> tuple[pa.Table, int]:
         text = table.column("text")
@@ -402,7 +449,12 @@ def _as_str(v: Any) -> str | None:
 
 
 def _q(shard: str, url: str, reason: str, detail: str, **extra: Any) -> dict[str, Any]:
-    entry = {"stage": "ingest", "shard": shard, "input": url, "reason": reason,
-             "detail": detail[:QUARANTINE_DETAIL_CHARS]}
+    entry = {
+        "stage": "ingest",
+        "shard": shard,
+        "input": url,
+        "reason": reason,
+        "detail": detail[:QUARANTINE_DETAIL_CHARS],
+    }
     entry.update(extra)
     return entry

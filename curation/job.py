@@ -25,8 +25,18 @@ from typing import Any
 import yaml
 
 ENGINES = ("auto", "ngram", "ahocorasick")
-TOP_KEYS = {"name", "description", "seed", "input", "metadata", "ingest", "match", "balance",
-            "output", "paper"}
+TOP_KEYS = {
+    "name",
+    "description",
+    "seed",
+    "input",
+    "metadata",
+    "ingest",
+    "match",
+    "balance",
+    "output",
+    "paper",
+}
 
 
 class JobSpecError(ValueError):
@@ -87,7 +97,9 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         raise JobSpecError(f"{where}: expected a mapping at the top level")
     unknown = set(spec) - TOP_KEYS
     if unknown:
-        raise JobSpecError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+        raise JobSpecError(
+            f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}"
+        )
     for key in ("name", "input", "metadata"):
         if key not in spec:
             raise JobSpecError(f"{where}: missing required key '{key}'")
@@ -98,8 +110,9 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         paths = [paths]
     synth = None
     if "synth" in inp:
-        s = _section(inp, "synth", {"shards", "pairs_per_shard", "seed", "malformed_rate"},
-                     f"{where}: input")
+        s = _section(
+            inp, "synth", {"shards", "pairs_per_shard", "seed", "malformed_rate"}, f"{where}: input"
+        )
         rate = s.get("malformed_rate", 0.0)
         if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise JobSpecError(f"{where}: input.synth.malformed_rate must be in [0, 1]")

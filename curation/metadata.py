@@ -93,7 +93,9 @@ def load_metadata(path: str, fmt: str | None = None) -> Metadata:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MetadataError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(obj, list):
-            raise MetadataError(f"{path}: expected a JSON list of strings, got {type(obj).__name__}")
+            raise MetadataError(
+                f"{path}: expected a JSON list of strings, got {type(obj).__name__}"
+            )
         entries = obj
     elif fmt == "txt":
         try:

@@ -62,8 +62,12 @@ def synth_task(shard: Shard, stage_dir: str, params: dict) -> dict:
         params["seed"], index, params["pairs_per_shard"], malformed_rate=params["malformed_rate"]
     )
     fsio.atomic_write_bytes(shard.input, data)
-    stats = {"shard": shard.name, "input": shard.input, "counts": {"pairs": truth.pairs},
-             "malformed": dict(truth.malformed)}
+    stats = {
+        "shard": shard.name,
+        "input": shard.input,
+        "counts": {"pairs": truth.pairs},
+        "malformed": dict(truth.malformed),
+    }
     write_marker(stage_dir, shard.name, stats)
     return stats
 
@@ -74,9 +78,15 @@ def ingest_task(shard: Shard, stage_dir: str, params: dict) -> dict:
     ingestor = cached("ingest:" + fingerprint(params), lambda: Ingestor(**params))
     _maybe_crash("ingest", shard.name)
     result = ingestor.process_shard(shard.input, shard.name)
-    return _finish(stage_dir, shard, result.table, result.counts,
-                   input_bytes=result.input_bytes, input_sha256=result.input_sha256,
-                   quarantine=result.quarantine)
+    return _finish(
+        stage_dir,
+        shard,
+        result.table,
+        result.counts,
+        input_bytes=result.input_bytes,
+        input_sha256=result.input_sha256,
+        quarantine=result.quarantine,
+    )
 
 
 def _matcher(params: dict) -> Any:
@@ -133,12 +143,19 @@ def parts_of(folder: str) -> list[Shard]:
     fs, path = url_to_fs(folder)
     if fs.isfile(path):
         return [Shard(name=fsio.shard_name(folder).removeprefix("part-"), input=folder)]
-    files = sorted(p for p in fs.find(path) if p.rsplit("/", 1)[-1].startswith("part-")
-                   and p.endswith(".parquet") and ".tmp-" not in p)
+    files = sorted(
+        p
+        for p in fs.find(path)
+        if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet") and ".tmp-" not in p
+    )
     if not files:
         raise FileNotFoundError(f"{folder} has no part-*.parquet files")
-    return [Shard(name=p.rsplit("/", 1)[-1][len("part-"):-len(".parquet")],
-                  input=fsio.full_url(fs, p)) for p in files]
+    return [
+        Shard(
+            name=p.rsplit("/", 1)[-1][len("part-") : -len(".parquet")], input=fsio.full_url(fs, p)
+        )
+        for p in files
+    ]
 
 
 def _inputs_fingerprint(urls: Sequence[str]) -> list[list]:
@@ -160,16 +177,24 @@ def summarize(stage: str, markers: dict[str, dict]) -> dict[str, Any]:
     total: Counter = Counter()
     for m in markers.values():
         total.update(m.get("counts", {}))
-    dropped = {k[len("rows_dropped_"):]: v for k, v in sorted(total.items())
-               if k.startswith("rows_dropped_")}
+    dropped = {
+        k[len("rows_dropped_") :]: v
+        for k, v in sorted(total.items())
+        if k.startswith("rows_dropped_")
+    }
     read, written = total.get("rows_read", 0), total.get("rows_written", 0)
     if "rows_read" in total and read != written + sum(dropped.values()):
         raise RuntimeError(
             f"{stage}: counts do not reconcile: read {read} != written {written} + dropped "
             f"{sum(dropped.values())} ({dropped})"
         )
-    return {"shards": len(markers), "rows_read": read, "rows_written": written,
-            "rows_dropped": dropped, "counters": dict(sorted(total.items()))}
+    return {
+        "shards": len(markers),
+        "rows_read": read,
+        "rows_written": written,
+        "rows_dropped": dropped,
+        "counters": dict(sorted(total.items())),
+    }
 
 
 def versions() -> dict[str, str]:
@@ -190,13 +215,21 @@ def write_quarantine(out: str, stage_markers: list[dict[str, dict]]) -> int:
         for m in markers.values():
             for q in m.get("quarantine", []):
                 lines.append(json.dumps(q, sort_keys=True, ensure_ascii=False))
-    fsio.atomic_write_bytes(fsio.join(out, "quarantine.jsonl"),
-                            ("\n".join(lines) + ("\n" if lines else "")).encode())
+    fsio.atomic_write_bytes(
+        fsio.join(out, "quarantine.jsonl"), ("\n".join(lines) + ("\n" if lines else "")).encode()
+    )
     return len(lines)
 
 
-def ingest(inputs: Sequence[str], out: str, *, max_text_chars: int = 1000,
-           overwrite: bool = False, progress: bool = True, stage_dir: str | None = None) -> dict:
+def ingest(
+    inputs: Sequence[str],
+    out: str,
+    *,
+    max_text_chars: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+    stage_dir: str | None = None,
+) -> dict:
     """Ingest input shards into `stage_dir or out` (one part per shard). Returns the summary."""
     from curation.ingest import INPUT_SUFFIXES, Ingestor
 
@@ -206,29 +239,63 @@ def ingest(inputs: Sequence[str], out: str, *, max_text_chars: int = 1000,
     params = {"max_text_chars": max_text_chars}
     stage_dir = stage_dir or out
     fp = {"stage": "ingest", "params": params, "inputs": _inputs_fingerprint(urls)}
-    markers = run_stage("ingest", stage_dir, shards, ingest_task, (params,), fp=fp,
-                        overwrite=overwrite, progress=progress)
+    markers = run_stage(
+        "ingest",
+        stage_dir,
+        shards,
+        ingest_task,
+        (params,),
+        fp=fp,
+        overwrite=overwrite,
+        progress=progress,
+    )
     summary = summarize("ingest", markers)
-    summary["inputs"] = [{"url": m["input"], "bytes": m.get("input_bytes"),
-                          "sha256": m.get("input_sha256")} for m in markers.values()]
+    summary["inputs"] = [
+        {"url": m["input"], "bytes": m.get("input_bytes"), "sha256": m.get("input_sha256")}
+        for m in markers.values()
+    ]
     summary["input_bytes"] = sum(m.get("input_bytes") or 0 for m in markers.values())
     summary["_markers"] = markers
     return summary
 
 
-def match(inp: str, metadata: str, stage_dir: str, *, engine: str = "auto",
-          script_aware: bool = False, overwrite: bool = False, progress: bool = True,
-          upstream: str = "") -> dict:
+def match(
+    inp: str,
+    metadata: str,
+    stage_dir: str,
+    *,
+    engine: str = "auto",
+    script_aware: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    upstream: str = "",
+) -> dict:
     from curation.metadata import load_metadata
 
     md = load_metadata(metadata)
-    params = {"metadata": metadata, "checksum": md.checksum, "engine": engine,
-              "script_aware": script_aware}
+    params = {
+        "metadata": metadata,
+        "checksum": md.checksum,
+        "engine": engine,
+        "script_aware": script_aware,
+    }
     shards = parts_of(inp)
-    fp = {"stage": "match", "params": params, "upstream": upstream,
-          "inputs": [] if upstream else _inputs_fingerprint([s.input for s in shards])}
-    markers = run_stage("match", stage_dir, shards, match_task, (params,), fp=fp,
-                        overwrite=overwrite, progress=progress)
+    fp = {
+        "stage": "match",
+        "params": params,
+        "upstream": upstream,
+        "inputs": [] if upstream else _inputs_fingerprint([s.input for s in shards]),
+    }
+    markers = run_stage(
+        "match",
+        stage_dir,
+        shards,
+        match_task,
+        (params,),
+        fp=fp,
+        overwrite=overwrite,
+        progress=progress,
+    )
     summary = summarize("match", markers)
     summary["metadata"] = {"path": metadata, "entries": len(md), "checksum": md.checksum}
     summary["_markers"] = markers
@@ -251,11 +318,13 @@ def count(inp: str, metadata: str) -> tuple[np.ndarray, tuple[str, ...]]:
 
 
 def write_counts(counts: np.ndarray, entries: Sequence[str], path: str) -> None:
-    table = pa.table({
-        "entry_id": pa.array(np.arange(len(entries), dtype=np.uint32)),
-        "entry": pa.array(list(entries), pa.string()),
-        "count": pa.array(counts.astype(np.uint64)),
-    })
+    table = pa.table(
+        {
+            "entry_id": pa.array(np.arange(len(entries), dtype=np.uint32)),
+            "entry": pa.array(list(entries), pa.string()),
+            "count": pa.array(counts.astype(np.uint64)),
+        }
+    )
     fsio.atomic_write_parquet(path, table)
 
 
@@ -267,7 +336,9 @@ def read_counts(path: str) -> np.ndarray:
     return t.column("count").to_numpy().astype(np.uint64)
 
 
-def resolve_t(counts: np.ndarray, t: float | None, tail_proportion: float | None) -> tuple[float, float]:
+def resolve_t(
+    counts: np.ndarray, t: float | None, tail_proportion: float | None
+) -> tuple[float, float]:
     from curation.balance import p_to_t, t_to_p
 
     if (t is None) == (tail_proportion is None):
@@ -277,17 +348,39 @@ def resolve_t(counts: np.ndarray, t: float | None, tail_proportion: float | None
     return float(t), t_to_p(counts, t)
 
 
-def balance(inp: str, counts: np.ndarray, stage_dir: str, *, t: float, seed: int,
-            overwrite: bool = False, progress: bool = True, upstream: str = "") -> dict:
+def balance(
+    inp: str,
+    counts: np.ndarray,
+    stage_dir: str,
+    *,
+    t: float,
+    seed: int,
+    overwrite: bool = False,
+    progress: bool = True,
+    upstream: str = "",
+) -> dict:
     from curation.balance import entry_probabilities
 
     probs = entry_probabilities(counts, t)
     shards = parts_of(inp)
-    fp = {"stage": "balance", "t": t, "seed": seed, "upstream": upstream,
-          "counts": fingerprint(counts.tolist()),
-          "inputs": [] if upstream else _inputs_fingerprint([s.input for s in shards])}
-    markers = run_stage("balance", stage_dir, shards, balance_task, (probs, seed), fp=fp,
-                        overwrite=overwrite, progress=progress)
+    fp = {
+        "stage": "balance",
+        "t": t,
+        "seed": seed,
+        "upstream": upstream,
+        "counts": fingerprint(counts.tolist()),
+        "inputs": [] if upstream else _inputs_fingerprint([s.input for s in shards]),
+    }
+    markers = run_stage(
+        "balance",
+        stage_dir,
+        shards,
+        balance_task,
+        (probs, seed),
+        fp=fp,
+        overwrite=overwrite,
+        progress=progress,
+    )
     summary = summarize("balance", markers)
     summary["_markers"] = markers
     return summary
@@ -315,13 +408,25 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
         from curation.synth import shard_file_name
 
         sdir = fsio.join(out, "input")
-        shards = [Shard(name=f"synth-{i:05d}", input=fsio.join(sdir, shard_file_name(i)))
-                  for i in range(s.shards)]
-        params = {"seed": s.seed, "pairs_per_shard": s.pairs_per_shard,
-                  "malformed_rate": s.malformed_rate}
-        markers = run_stage("synth", sdir, shards, synth_task, (params,),
-                            fp={"stage": "synth", "params": params, "shards": s.shards},
-                            overwrite=overwrite, progress=progress)
+        shards = [
+            Shard(name=f"synth-{i:05d}", input=fsio.join(sdir, shard_file_name(i)))
+            for i in range(s.shards)
+        ]
+        params = {
+            "seed": s.seed,
+            "pairs_per_shard": s.pairs_per_shard,
+            "malformed_rate": s.malformed_rate,
+        }
+        markers = run_stage(
+            "synth",
+            sdir,
+            shards,
+            synth_task,
+            (params,),
+            fp={"stage": "synth", "params": params, "shards": s.shards},
+            overwrite=overwrite,
+            progress=progress,
+        )
         manifest["stages"]["synth"] = {
             "shards": len(markers),
             "pairs": sum(m["counts"]["pairs"] for m in markers.values()),
@@ -332,16 +437,29 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
 
         inputs = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES)
 
-    ing = ingest(inputs, out, max_text_chars=spec.max_text_chars, overwrite=overwrite,
-                 progress=progress, stage_dir=fsio.join(out, "ingest"))
+    ing = ingest(
+        inputs,
+        out,
+        max_text_chars=spec.max_text_chars,
+        overwrite=overwrite,
+        progress=progress,
+        stage_dir=fsio.join(out, "ingest"),
+    )
     stage_markers.append(ing.pop("_markers"))
     manifest["inputs"] = ing.pop("inputs")
     manifest["stages"]["ingest"] = ing
     up = fingerprint({"ingest": ing["counters"], "inputs": manifest["inputs"]})
 
-    mt = match(fsio.join(out, "ingest"), spec.metadata, fsio.join(out, "match"),
-               engine=spec.engine, script_aware=spec.script_aware, overwrite=overwrite,
-               progress=progress, upstream=up)
+    mt = match(
+        fsio.join(out, "ingest"),
+        spec.metadata,
+        fsio.join(out, "match"),
+        engine=spec.engine,
+        script_aware=spec.script_aware,
+        overwrite=overwrite,
+        progress=progress,
+        upstream=up,
+    )
     stage_markers.append(mt.pop("_markers"))
     manifest["metadata"] = mt.pop("metadata")
     manifest["stages"]["match"] = mt
@@ -349,14 +467,29 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
     before, entries = count(fsio.join(out, "match"), spec.metadata)
     write_counts(before, entries, fsio.join(out, "counts", "entry_counts.parquet"))
     t, p = resolve_t(before, spec.t, spec.tail_proportion)
-    manifest["balance"] = {"t": t, "tail_proportion": p, "seed": spec.seed,
-                           "t_given": spec.t is not None}
-    manifest["stages"]["count"] = {"entries": len(md), "matches": int(before.sum()),
-                                   "entries_matched": int((before > 0).sum())}
+    manifest["balance"] = {
+        "t": t,
+        "tail_proportion": p,
+        "seed": spec.seed,
+        "t_given": spec.t is not None,
+    }
+    manifest["stages"]["count"] = {
+        "entries": len(md),
+        "matches": int(before.sum()),
+        "entries_matched": int((before > 0).sum()),
+    }
 
     up = fingerprint({"match": mt["counters"], "up": up})
-    bl = balance(fsio.join(out, "match"), before, fsio.join(out, "balance"), t=t, seed=spec.seed,
-                 overwrite=overwrite, progress=progress, upstream=up)
+    bl = balance(
+        fsio.join(out, "match"),
+        before,
+        fsio.join(out, "balance"),
+        t=t,
+        seed=spec.seed,
+        overwrite=overwrite,
+        progress=progress,
+        upstream=up,
+    )
     stage_markers.append(bl.pop("_markers"))
     manifest["stages"]["balance"] = bl
 
@@ -389,7 +522,10 @@ def status(out: str) -> dict[str, Any]:
             continue
         done = [p for p in fs.glob(url_to_fs(fsio.join(sdir, "_done", "*.json"))[1])]
         parts = [p for p in fs.glob(url_to_fs(fsio.join(sdir, "part-*.parquet"))[1])]
-        res["stages"][stage] = {"done": len(done), "parts_without_marker": max(0, len(parts) - len(done))}
+        res["stages"][stage] = {
+            "done": len(done),
+            "parts_without_marker": max(0, len(parts) - len(done)),
+        }
     ing = fsio.join(out, "input")
     if fs.isdir(url_to_fs(ing)[1]):
         total = len(fs.glob(url_to_fs(fsio.join(ing, "*.warc.wat.gz"))[1]))

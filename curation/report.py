@@ -60,8 +60,9 @@ def plot_counts(before: np.ndarray, after: np.ndarray, t: float, path: str) -> N
     fsio.atomic_write_bytes(path, buf.getvalue())
 
 
-def write_report(out: str, before: np.ndarray, after: np.ndarray, entries: Sequence[str],
-                 t: float, p: float) -> dict[str, Any]:
+def write_report(
+    out: str, before: np.ndarray, after: np.ndarray, entries: Sequence[str], t: float, p: float
+) -> dict[str, Any]:
     """Write OUT/report/{entry_counts.png, summary.json, summary.md}; returns the summary."""
     rdir = fsio.join(out, "report")
     plot_counts(before, after, t, fsio.join(rdir, "entry_counts.png"))

@@ -71,7 +71,7 @@ def shard_names(inputs: Sequence[str]) -> list[Shard]:
     names = [fsio.shard_name(u) for u in inputs]
     dup = {n for n in names if names.count(n) > 1}
     out = []
-    for url, name in zip(inputs, names):
+    for url, name in zip(inputs, names, strict=True):
         if name in dup:
             name = f"{name}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
         out.append(Shard(name=name, input=url))
@@ -102,9 +102,7 @@ def prepare_stage_dir(stage_dir: str, fp: dict[str, Any], overwrite: bool) -> No
             old = fsio.read_json(stage_file)
             if old != fp:
                 if not overwrite:
-                    changed = sorted(
-                        k for k in set(old) | set(fp) if old.get(k) != fp.get(k)
-                    )
+                    changed = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
                     raise ResumeError(
                         f"{stage_dir} holds results of a different job (changed: "
                         f"{', '.join(changed)}). Rerun with --overwrite to replace them, or "

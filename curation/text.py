@@ -37,7 +37,10 @@ def uids_of_urls(urls: pa.Array | pa.ChunkedArray) -> pa.Array:
     values = stripped.to_numpy(zero_copy_only=False)
     sha = hashlib.sha224
     out = np.array(
-        [None if v is None else sha(v.encode("utf-8")).hexdigest()[:UID_HEX_DIGITS] for v in values],
+        [
+            None if v is None else sha(v.encode("utf-8")).hexdigest()[:UID_HEX_DIGITS]
+            for v in values
+        ],
         dtype=object,
     )
     return pa.array(out, type=pa.string())

@@ -1,0 +1,120 @@
+"""`make bench`: throughput numbers measured in one run, printed as lines.
+
+1. ingest: pairs/s and MB/s of gzip WAT input on one core (synthetic pool).
+2. match: our engines vs a per-text pyahocorasick loop in MetaCLIP's style, 500k+ entries
+   (bench_match.py), plus automaton build time and memory.
+3. balance: rows/s on one core.
+4. end to end: `curation run` on the demo pool with 2 CPUs (pairs/s).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def bench_ingest(tmp: Path) -> None:
+    from curation.ingest import Ingestor
+    from curation.synth import write_synthetic_pool
+
+    t0 = time.perf_counter()
+    s = write_synthetic_pool(str(tmp / "pool"), 2, 50_000, 1, malformed_rate=0.002)
+    gen = time.perf_counter() - t0
+    print(f"synth: {s.total_pairs:,} pairs in {gen:.2f} s ({s.total_pairs / gen:,.0f} pairs/s)")
+    ing = Ingestor()
+    pairs = nbytes = 0
+    t0 = time.perf_counter()
+    for f in s.files:
+        r = ing.process_shard(f, Path(f).name)
+        pairs += r.table.num_rows
+        nbytes += r.input_bytes
+    dt = time.perf_counter() - t0
+    print(
+        f"ingest (1 core): {pairs:,} pairs, {nbytes / 1e6:.1f} MB gzip in {dt:.2f} s: "
+        f"{pairs / dt:,.0f} pairs/s, {nbytes / 1e6 / dt:.1f} MB/s"
+    )
+
+
+def bench_balance() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from curation.balance import Balancer, count_entries, entry_probabilities
+
+    rng = np.random.default_rng(0)
+    n, n_entries = 1_000_000, 500_000
+    lengths = rng.integers(0, 9, n)
+    flat = (rng.zipf(1.3, int(lengths.sum())) % n_entries).astype(np.uint32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    uids = pa.array([f"{i:024x}" for i in rng.integers(0, 2**62, n)])
+    table = pa.table({"uid": uids, "entry_ids": ids})
+    t0 = time.perf_counter()
+    counts = count_entries(table.column("entry_ids"), n_entries)
+    dc = time.perf_counter() - t0
+    bal = Balancer(entry_probabilities(counts, 1000), seed=0)
+    t0 = time.perf_counter()
+    kept, c = bal.process(table)
+    db = time.perf_counter() - t0
+    print(
+        f"count (1 core): {n / dc:,.0f} rows/s; balance (1 core): {n:,} rows "
+        f"({int(lengths.sum()):,} matches) in {db:.2f} s: {n / db:,.0f} rows/s, kept {kept.num_rows:,}"
+    )
+
+
+def bench_end_to_end(tmp: Path) -> None:
+    out = tmp / "demo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "curation.cli",
+        "run",
+        str(ROOT / "jobs/demo.yaml"),
+        "-o",
+        str(out),
+        "--num-cpus",
+        "2",
+        "--quiet",
+        "--overwrite",
+    ]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)
+    dt = time.perf_counter() - t0
+    import json
+
+    m = json.loads((out / "manifest.json").read_text())
+    pairs = m["stages"]["ingest"]["rows_written"]
+    print(
+        f"end to end (curation run jobs/demo.yaml, 2 CPUs, incl. Ray start and synth): "
+        f"{pairs:,} pairs in {dt:.1f} s: {pairs / dt:,.0f} pairs/s"
+    )
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="curation-bench-"))
+    try:
+        print("== ingest ==")
+        bench_ingest(tmp)
+        print("== balance ==")
+        bench_balance()
+        print("== end to end ==")
+        bench_end_to_end(tmp)
+        print("== match (1 core) ==")
+        import bench_match
+
+        bench_match.main()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
