@@ -516,24 +516,27 @@ def status(out: str) -> dict[str, Any]:
     if not fs.isdir(path):
         raise FileNotFoundError(f"{out} is not a run folder")
     res: dict[str, Any] = {"stages": {}}
+    expected: int | None = None
     for stage in ("input", "ingest", "match", "balance"):
         sdir = fsio.join(out, stage)
-        if not fs.isdir(url_to_fs(sdir)[1]):
+        stage_file = fsio.join(sdir, "_stage.json")
+        if not fsio.exists(stage_file):
             continue
-        done = [p for p in fs.glob(url_to_fs(fsio.join(sdir, "_done", "*.json"))[1])]
-        parts = [p for p in fs.glob(url_to_fs(fsio.join(sdir, "part-*.parquet"))[1])]
-        res["stages"][stage] = {
-            "done": len(done),
-            "parts_without_marker": max(0, len(parts) - len(done)),
-        }
-    ing = fsio.join(out, "input")
-    if fs.isdir(url_to_fs(ing)[1]):
-        total = len(fs.glob(url_to_fs(fsio.join(ing, "*.warc.wat.gz"))[1]))
-        res["stages"]["input"]["files"] = total
+        fp = fsio.read_json(stage_file)
+        if stage == "input":
+            expected = fp.get("shards")
+        elif stage == "ingest":
+            expected = len(fp.get("inputs", [])) or expected
+        done = len(fs.glob(url_to_fs(fsio.join(sdir, "_done", "*.json"))[1]))
+        entry = {"done": done}
+        if expected is not None:
+            entry["pending"] = max(0, expected - done)
+        res["stages"][stage] = entry
+        expected = done if stage != "input" else expected
     q = fsio.join(out, "quarantine.jsonl")
     if fsio.exists(q):
         with fs.open(url_to_fs(q)[1], "rb") as f:
             lines = [json.loads(x) for x in f.read().splitlines() if x.strip()]
-        res["quarantined"] = dict(Counter(x["reason"] for x in lines))
-    res["manifest"] = fsio.exists(fsio.join(out, "manifest.json"))
+        res["quarantined"] = dict(sorted(Counter(x["reason"] for x in lines).items()))
+    res["complete"] = fsio.exists(fsio.join(out, "manifest.json"))
     return res
