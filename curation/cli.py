@@ -26,6 +26,16 @@ OVERWRITE = click.option(
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
+def _write_manifest(out_dir: str, stage: str, summary: dict[str, Any], **extra: Any) -> None:
+    """A standalone command's manifest: versions, the stage's reconciled counts, parameters."""
+    from curation import fsio
+    from curation.pipeline import public, versions
+
+    body = {"stage": stage, "versions": versions(), "summary": public(summary)}
+    body.update(extra)
+    fsio.atomic_write_json(fsio.join(out_dir, "manifest.json"), body)
+
+
 def _ray(address: str | None, num_cpus: int | None) -> None:
     from curation.runner import ensure_ray
 
@@ -147,9 +157,8 @@ def ingest(
       curation ingest 's3://bucket/CC-MAIN-2024-10/wat/*.warc.wat.gz' -o s3://bucket/pairs
       curation ingest 'pool/synth-{00000..00003}.warc.wat.gz' -o out/ingest
     """
-    from curation import fsio
     from curation.pipeline import ingest as run_ingest
-    from curation.pipeline import public, versions, write_quarantine
+    from curation.pipeline import write_quarantine
 
     _ray(address, num_cpus)
     summary = run_ingest(
@@ -160,10 +169,7 @@ def ingest(
         progress=not quiet,
     )
     n_q = write_quarantine(out_dir, [summary.pop("_markers")])
-    fsio.atomic_write_json(
-        fsio.join(out_dir, "manifest.json"),
-        {"stage": "ingest", "versions": versions(), "summary": public(summary), "quarantined": n_q},
-    )
+    _write_manifest(out_dir, "ingest", summary, quarantined=n_q)
     click.echo(
         f"ingest: {summary['rows_written']:,} pairs from {summary['shards']} shards "
         f"({summary['input_bytes'] / 1e6:.1f} MB), {n_q} quarantined → {out_dir}"
@@ -274,6 +280,7 @@ def match(
         overwrite=overwrite,
         progress=not quiet,
     )
+    _write_manifest(out_dir, "match", s, engine=engine, script_aware=script_aware)
     click.echo(
         f"match: {s['rows_written']:,} rows, {s['counters'].get('rows_with_match', 0):,} "
         f"with a match, {s['counters'].get('matches', 0):,} matches → {out_dir}"
@@ -357,6 +364,7 @@ def balance(
     s = run_balance(
         matched, counts, out_dir, t=t, seed=seed, overwrite=overwrite, progress=not quiet
     )
+    _write_manifest(out_dir, "balance", s, t=t, tail_proportion=p, seed=seed, counts=counts_path)
     click.echo(
         f"balance: t = {t:,.0f}, tail proportion = {p:.4f}, rows in {s['rows_read']:,}, "
         f"rows out {s['rows_written']:,}, dropped {s['rows_dropped']} → {out_dir}"

@@ -53,11 +53,15 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def expand_inputs(inputs: Iterable[str], suffixes: tuple[str, ...] | None = None) -> list[str]:
+def expand_inputs(
+    inputs: Iterable[str], suffixes: tuple[str, ...] | None = None, allow_missing: bool = False
+) -> list[str]:
     """Expand files, globs, brace patterns and directories into a sorted, de-duplicated list.
 
-    Directories are walked recursively and filtered by `suffixes` (when given). A pattern that
+    Directories are walked recursively and filtered by `suffixes` (when given). A glob that
     matches nothing is an error naming the pattern, so a typo never silently reads zero shards.
+    With `allow_missing`, a literal file path that does not exist is kept (the reader then
+    quarantines it as a missing file and the run goes on).
     """
     found: list[str] = []
     for raw in inputs:
@@ -69,7 +73,7 @@ def expand_inputs(inputs: Iterable[str], suffixes: tuple[str, ...] | None = None
                 matches = sorted(
                     p for p in fs.find(path) if suffixes is None or p.endswith(suffixes)
                 )
-            elif fs.exists(path):
+            elif fs.exists(path) or (allow_missing and not _looks_like_dir(pattern)):
                 matches = [path]
             else:
                 raise FileNotFoundError(f"input {pattern!r} does not exist")
@@ -79,6 +83,10 @@ def expand_inputs(inputs: Iterable[str], suffixes: tuple[str, ...] | None = None
     seen: set[str] = set()
     unique = [p for p in found if not (p in seen or seen.add(p))]
     return sorted(unique)
+
+
+def _looks_like_dir(pattern: str) -> bool:
+    return pattern.endswith("/")
 
 
 def join(base: str, *parts: str) -> str:

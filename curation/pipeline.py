@@ -231,10 +231,14 @@ def ingest(
     stage_dir: str | None = None,
 ) -> dict:
     """Ingest input shards into `stage_dir or out` (one part per shard). Returns the summary."""
-    from curation.ingest import INPUT_SUFFIXES, Ingestor
+    from curation.ingest import INPUT_SUFFIXES, Ingestor, detect_format
 
     Ingestor(max_text_chars=max_text_chars)  # validates parameters before any work
-    urls = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES)
+    urls = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES, allow_missing=True)
+    if not any(fsio.exists(u) for u in urls):
+        raise FileNotFoundError(f"none of the inputs exist: {', '.join(urls[:5])}")
+    for u in urls:
+        detect_format(u)  # an unknown format fails before any work starts
     shards = shard_names(urls)
     params = {"max_text_chars": max_text_chars}
     stage_dir = stage_dir or out
@@ -435,7 +439,7 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
     else:
         from curation.ingest import INPUT_SUFFIXES
 
-        inputs = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES)
+        inputs = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES, allow_missing=True)
 
     ing = ingest(
         inputs,
