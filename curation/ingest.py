@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,12 +167,14 @@ class Ingestor:
         counts = result.counts
         rows: list[tuple] = []
         record_no = -1
+        last_pos, stopped = 0, False
         try:
             it = ArchiveIterator(
                 reader, record_types=WarcRecordType.metadata, parse_http=False, stream_detect=True
             )
             for record in it:
                 record_no += 1
+                last_pos = record.stream_pos
                 counts["records_read"] += 1
                 if record.content_length > self.max_record_bytes:
                     counts["records_dropped_too_large"] += 1
@@ -201,6 +204,7 @@ class Ingestor:
                             offset=record.stream_pos,
                         )
                     )
+                    stopped = True
                     break
                 try:
                     doc = json.loads(payload)
@@ -234,6 +238,7 @@ class Ingestor:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 corrupt/truncated gzip or WARC framing
+            stopped = True
             # (FastWARC may raise a pyo3 PanicException, a BaseException); keep what was read
             counts["shards_corrupt"] += 1
             result.quarantine.append(
@@ -243,6 +248,18 @@ class Ingestor:
                     "corrupt_shard",
                     f"{type(exc).__name__}: {exc}",
                     record=record_no + 1,
+                )
+            )
+        if not stopped and not _gzip_tail_complete(url, last_pos):
+            counts["shards_truncated"] += 1
+            result.quarantine.append(
+                _q(
+                    shard,
+                    url,
+                    "truncated_shard",
+                    "file ends inside a record (incomplete gzip member)",
+                    record=record_no + 1,
+                    offset=last_pos,
                 )
             )
         return rows
@@ -440,6 +457,32 @@ class Ingestor:
             cut = pc.utf8_slice_codeunits(text, 0, self.max_text_chars)
             table = table.set_column(table.schema.get_field_index("text"), "text", cut)
         return table, n
+
+
+def _gzip_tail_complete(url: str, start: int) -> bool:
+    """True when the bytes of `url` from `start` to EOF are whole gzip members.
+
+    FastWARC stops quietly when a gzipped WAT is cut near a record boundary; this re-reads only
+    the last record's member(s) so such a truncation is reported, not silently accepted.
+    """
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return True
+        f.seek(start)
+        rest = f.read()
+    while rest:
+        d, buf = zlib.decompressobj(31), rest
+        try:
+            while buf and not d.eof:
+                d.decompress(buf, 1 << 20)
+                buf = d.unconsumed_tail
+        except zlib.error:
+            return False
+        if not d.eof:
+            return False
+        rest = d.unused_data
+    return True
 
 
 def _as_str(v: Any) -> str | None:
