@@ -1,0 +1,439 @@
+"""DataComp baselines (curation.filters) and the DataComp pool layout (curation.datacomp)."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from curation import datacomp, filters
+
+# --------------------------------------------------------------------------------------------
+# A small hand-made pool. `LANG` is what the stub language id answers for each caption, so the
+# expected uids below can be checked by hand; test_real_language_id checks the real model.
+
+DIM = 8
+# (caption, lang, width, height, b32, l14, cluster the image embedding sits near)
+ROWS = [
+    ("A brown dog running on the beach at sunset", "en", 640, 480, 0.30, 0.35, 0),  # 0
+    ("Ein brauner Hund läuft am Strand entlang", "de", 640, 480, 0.31, 0.30, 0),  # 1
+    ("two words", "en", 640, 480, 0.29, 0.20, 0),  # 2: 2 words
+    ("cat", "en", 640, 480, 0.40, 0.40, 2),  # 3: 1 word, 3 chars
+    ("Red sports car parked outside", "en", 199, 800, 0.27, 0.29, 2),  # 4: min side 199
+    ("Mountain lake with clear blue water", "en", 200, 600, 0.22, 0.26, 1),  # 5: ratio 3.0
+    ("Mountain lake with clear blue water today", "en", 200, 601, 0.35, 0.33, 2),  # 6: >3
+    ("Fresh bread on a wooden table", "en", 0, 0, 0.25, 0.31, 3),  # 7: 0x0
+    ("a b c", "en", 300, 300, 0.26, 0.25, 2),  # 8: 5 chars
+    ("Bowl of ramen\nwith eggs", "en", 500, 300, 0.28, 0.32, 1),  # 9: newline
+    ("Old map of the city center", "en", None, 400, 0.24, 0.27, 0),  # 10: null width
+    ("Sunflowers in a field under blue sky", "en", 1000, 800, 0.28, 0.30, 2),  # 11: b32 = 0.28
+    ("hello\nthere", "en", 400, 400, 0.10, 0.10, 2),  # 12: 2 words, 3 fastText tokens
+]
+LANG = {r[0]: r[1] for r in ROWS}
+
+
+def stub_language(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Language id by lookup: keeps the expected results independent of the fastText model."""
+    return np.array([LANG.get(t, "xx") for t in texts.to_pylist()], dtype=object)
+
+
+def uid_of(i: int) -> str:
+    # 32 hex digits, upper half varies so sorting by (f0, f1) is exercised.
+    return f"{(i * 0x9E3779B97F4A7C15) % 2**64:016x}{(i * 7919) % 2**64:016X}"
+
+
+def cluster_centroids() -> np.ndarray:
+    """Four unit centroids along the first four axes."""
+    return np.eye(4, DIM, dtype=np.float32)
+
+
+def pool_embeddings(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    emb = np.eye(4, DIM)[[r[6] for r in ROWS]] + 0.05 * rng.standard_normal((len(ROWS), DIM))
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+
+
+def pool_table(rows: list[int] | None = None) -> pa.Table:
+    rows = list(range(len(ROWS))) if rows is None else rows
+    emb = pool_embeddings()[rows]
+    return pa.table(
+        {
+            "uid": [uid_of(i) for i in rows],
+            "url": [f"http://example.com/{i}.jpg" for i in rows],
+            "text": [ROWS[i][0] for i in rows],
+            "original_width": pa.array([ROWS[i][2] for i in rows], pa.int64()),
+            "original_height": pa.array([ROWS[i][3] for i in rows], pa.int64()),
+            "clip_b32_similarity_score": pa.array([ROWS[i][4] for i in rows], pa.float64()),
+            "clip_l14_similarity_score": pa.array([ROWS[i][5] for i in rows], pa.float64()),
+            "l14_img": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), DIM),
+        }
+    )
+
+
+def kept_rows(mask: np.ndarray) -> list[int]:
+    return np.flatnonzero(mask).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# datacomp.py: uids and shards
+
+
+def test_uid_pairs_match_datacomp_conversion_and_round_trip():
+    uids = [uid_of(i) for i in range(50)] + ["ffffffffffffffff0000000000000000", "0" * 32]
+    pairs = datacomp.uids_to_pairs(pa.array(uids))
+    ref = np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in uids], np.dtype("u8,u8"))
+    assert pairs.dtype == ref.dtype
+    assert np.array_equal(pairs, ref)
+    assert datacomp.pairs_to_uids(pairs).tolist() == [u.lower() for u in uids]
+
+
+def test_save_uids_is_byte_identical_to_datacomp_and_sorted(tmp_path):
+    uids = [uid_of(i) for i in range(1, 40)] + [uid_of(3)]  # a duplicate is kept
+    ref = np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in uids], np.dtype("u8,u8"))
+    ref.sort()  # DataComp's apply_filter: uids.sort(); np.save(path, uids)
+    expected = io.BytesIO()
+    np.save(expected, ref)
+
+    out = tmp_path / "kept.npy"
+    assert datacomp.save_uids(str(out), pa.chunked_array([uids[:10], uids[10:]])) == len(uids)
+    assert out.read_bytes() == expected.getvalue()
+
+    back = datacomp.load_uids(str(out))
+    assert np.array_equal(back, ref)
+    hexes = datacomp.pairs_to_uids(back).tolist()
+    assert hexes == sorted(u.lower() for u in uids)  # numeric order == lower-case hex order
+    assert [int(h, 16) for h in hexes] == sorted(int(u, 16) for u in uids)
+
+
+@pytest.mark.parametrize("bad", ["abc", "g" * 32, "0" * 33])
+def test_bad_uids_raise_naming_the_input(bad):
+    with pytest.raises(ValueError, match="shard-7"):
+        datacomp.uids_to_pairs([uid_of(1), bad], where="shard-7")
+
+
+def test_load_uids_refuses_non_uid_arrays(tmp_path):
+    p = tmp_path / "x.npy"
+    np.save(p, np.arange(3))
+    with pytest.raises(ValueError, match="not a DataComp uid file"):
+        datacomp.load_uids(str(p))
+
+
+def test_shard_round_trip_with_npz_embeddings(tmp_path):
+    table = pool_table().drop_columns(["l14_img"])
+    emb = {"l14_img": pool_embeddings(), "b32_img": np.ones((len(ROWS), 4), np.float16)}
+    url = str(tmp_path / "00000000.parquet")
+    datacomp.write_shard(url, table, emb)
+    assert (tmp_path / "00000000.npz").exists()
+
+    got = datacomp.read_shard(url, columns=["uid", "text"], embeddings=["l14_img"])
+    assert got.column_names == ["uid", "text", "l14_img"]
+    m = datacomp.embedding_matrix(got, "l14_img", dtype=np.float16)
+    assert np.array_equal(m, emb["l14_img"])
+    assert datacomp.embedding_matrix(got.slice(3, 2), "l14_img").tolist() == (
+        emb["l14_img"][3:5].astype(np.float32).tolist()
+    )
+    assert datacomp.list_shards(str(tmp_path)) == [url]
+    with pytest.raises(ValueError, match="no embedding 'b32_txt'"):
+        datacomp.read_shard(url, embeddings=["b32_txt"])
+
+
+def test_read_shard_rejects_misaligned_npz(tmp_path):
+    url = str(tmp_path / "s.parquet")
+    datacomp.write_shard(url, pool_table().drop_columns(["l14_img"]), {})
+    np.savez(tmp_path / "s.npz", l14_img=np.zeros((3, DIM), np.float16))
+    with pytest.raises(ValueError, match="row-aligned"):
+        datacomp.read_shard(url, embeddings=["l14_img"])
+
+
+# --------------------------------------------------------------------------------------------
+# Caption statistics
+
+
+TRICKY = [
+    "",
+    "   ",
+    "a",
+    "a  b\tc\nd\re",
+    "x\x1cy\x1dz",  # Python splits on \x1c-\x1f; fastText does not
+    "one\u3000two\u00a0three\u2028four",
+    "\n\nlead and trail\n",
+    "emoji 🐶 dog",
+    "nul\x00sep",
+]
+
+
+def _fasttext_tokens(text: str) -> int:
+    """fastText Dictionary::readWord, transcribed: the reference for the token count."""
+    n, word = 0, False
+    for ch in text:
+        if ch in " \n\r\t\v\f\0":
+            if word:
+                n, word = n + 1, False
+            if ch == "\n":
+                n += 1  # "</s>"
+        else:
+            word = True
+    return n + word
+
+
+def test_caption_counts_match_python_and_fasttext():
+    rng = np.random.default_rng(0)
+    alphabet = list("ab é") + ["\n", "\t", "\x0b", "\x1e", "\u2003", "\x85", "\x00", "中"]
+    rand = ["".join(rng.choice(alphabet, size=rng.integers(0, 12))) for _ in range(300)]
+    texts = TRICKY + rand
+    arr = pa.array(texts + [None])
+    assert filters.caption_word_count(arr).tolist() == [len(t.split()) for t in texts] + [0]
+    assert filters.caption_char_count(arr).tolist() == [len(t) for t in texts] + [0]
+    ft = [_fasttext_tokens(t) for t in texts] + [0]
+    assert filters.fasttext_token_count(arr).tolist() == ft
+
+
+def test_python_whitespace_class_is_complete():
+    ws = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+    assert filters.caption_word_count(pa.array(["a" + ws + "b", ws])).tolist() == [2, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Language id (real model, offline)
+
+
+def test_real_language_id_offline_and_batched():
+    lid = filters.LanguageId(batch_size=2)
+    lid.setup()
+    texts = pa.chunked_array(
+        [
+            [ROWS[0][0], ROWS[1][0], "Le chat dort sur le canapé du salon"],
+            ["Bowl of ramen\nwith eggs and green onions", None],
+        ]
+    )
+    codes = lid(texts)
+    assert codes.tolist()[:3] == ["en", "de", "fr"]
+    assert codes[3] == "en"  # the newline became a space, as DataComp does
+    # batched prediction agrees with one-at-a-time prediction (DataComp's get_fasttext_language)
+    one = [lid._model.predict(t.replace("\n", " "))[0][0][9:] for t in texts.to_pylist()[:4]]
+    assert codes.tolist()[:4] == one
+
+
+def test_language_model_path_missing_raises(tmp_path):
+    with pytest.raises(ValueError):
+        filters.LanguageId(model_path=str(tmp_path / "missing.bin")).setup()
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines on the hand-made pool
+
+
+def test_no_filter_keeps_everything():
+    f = filters.make_filter("no_filter")
+    assert f.keep(pool_table()).all() and len(f.keep(pool_table())) == len(ROWS)
+
+
+def test_basic_filter_hand_checked():
+    f = filters.BasicFilter(language=stub_language)
+    table = pool_table()
+    scores = f.score(table)
+    # 0 ok; 1 German; 2 two words; 3 one word; 4 side 199; 5 ratio 3.0 ok; 6 ratio > 3;
+    # 7 0x0; 8 five chars; 9 ok; 10 null width; 11 ok; 12 two words
+    assert kept_rows(f.keep(scores)) == [0, 5, 9, 11]
+    assert kept_rows(f.keep(table)) == [0, 5, 9, 11]
+    dropped = f.dropped(scores)
+    assert dropped["dropped_english"] == 1
+    assert dropped["dropped_caption_words"] == 3  # rows 2, 3, 12 ("a b c" has 3 words)
+    assert dropped["dropped_caption_chars"] == 2  # rows 3, 8
+    assert dropped["dropped_min_dim"] == 3  # rows 4, 7, 10 (null width)
+    assert dropped["dropped_aspect_ratio"] == 4  # rows 4, 6, 7 (0/0), 10
+
+
+def test_clip_score_fixed_threshold():
+    f = filters.make_filter("clip_score", arch="b32", threshold=0.28)
+    assert f.columns == ("clip_b32_similarity_score",)
+    assert kept_rows(f.keep(pool_table())) == [0, 1, 2, 3, 6, 9, 11]  # 0.28 itself is kept
+    f14 = filters.ClipScoreFilter(arch="l14", threshold=0.30)
+    assert kept_rows(f14.keep(pool_table())) == [0, 1, 3, 6, 7, 9, 11]
+
+
+def test_laion2b_english_and_b32_at_least_028():
+    f = filters.make_filter("laion2b", language=stub_language)
+    # b32 >= 0.28: 0, 1, 2, 3, 6, 9, 11; row 1 is German
+    assert kept_rows(f.keep(pool_table())) == [0, 2, 3, 6, 9, 11]
+
+
+def test_global_threshold_datacomp_quirk_and_exact():
+    shards = [np.array([0.9, 0.1, 0.5]), np.array([0.7, 0.3]), np.array([0.2, 0.8, 0.6, 0.4, 0.0])]
+    # n = int(10 * 0.3) = 3; DataComp: -sort(-x)[3] = 0.6 -> keeps 4 rows (one more than 30 %)
+    assert filters.global_threshold(shards, 0.3) == 0.6
+    assert filters.global_threshold(shards, 0.3, mode="exact") == 0.7
+    allv = np.concatenate(shards)
+    assert (allv >= filters.global_threshold(shards, 0.3)).sum() == 4
+    assert (allv >= filters.global_threshold(shards, 0.3, mode="exact")).sum() == 3
+    # ties at the threshold are all kept (>=)
+    tied = [np.array([0.5, 0.5, 0.5, 0.1])]
+    assert filters.global_threshold(tied, 0.25, mode="exact") == 0.5
+    # NaN sorts last in DataComp's descending order: it never sets the threshold...
+    with_nan = [np.array([np.nan, 0.9, 0.8, 0.7])]
+    assert filters.global_threshold(with_nan, 0.5) == 0.7
+    # ...unless the index falls on it: NaN threshold keeps nothing
+    assert np.isnan(filters.global_threshold(with_nan, 0.75))
+    assert filters.global_threshold(shards, 1.0) == -np.inf
+    assert filters.global_threshold(shards, 0.0, mode="exact") == np.inf
+    # the same float expression as DataComp: int(100 * 0.29) == 28
+    hundred = np.arange(100, dtype=float)
+    assert filters.global_threshold(hundred, 0.29) == 99 - 28
+    with pytest.raises(ValueError):
+        filters.global_threshold(shards, 1.5)
+
+
+def test_clip_score_fraction_needs_the_barrier():
+    f = filters.ClipScoreFilter(arch="l14", fraction=0.3)
+    a, b = pool_table(list(range(7))), pool_table(list(range(7, len(ROWS))))
+    sa, sb = f.score(a), f.score(b)
+    assert f.needs_fit
+    with pytest.raises(RuntimeError, match="fit"):
+        f.keep(sa)
+    f.fit([sa, sb])
+    # l14 sorted desc: .40 .35 .33 .32 .31 .30 .30 ...; n = int(13 * .3) = 3 -> t = .32
+    assert f.threshold == 0.32
+    assert kept_rows(f.keep(sa)) == [0, 3, 6] and kept_rows(f.keep(sb)) == [2]
+
+
+def test_image_based_hand_checked():
+    centroids = cluster_centroids()
+    targets = [np.eye(4, DIM)[[0]], np.eye(4, DIM)[[2, 2]] * 0.5]  # two "embedding files"
+    f = filters.make_filter(
+        "image_based", centroids=centroids, target_embeddings=targets, language=stub_language
+    )
+    f.setup()
+    assert f.target_ids.tolist() == [0, 2]
+    scores = f.score(pool_table())
+    assert scores["centroid"].tolist() == [r[6] for r in ROWS]
+    # caption: English, > 1 fastText token, > 5 chars (no image-size test):
+    # drops 1 (de), 3 (1 token), 8 (5 chars); keeps 2 (2 tokens) and 12 (newline = 3 tokens).
+    # clusters {0, 2}: drops 5, 9 (cluster 1) and 7 (cluster 3)
+    assert kept_rows(f.keep(scores)) == [0, 2, 4, 6, 10, 11, 12]
+
+
+def test_image_based_intersect_clip_score():
+    f = filters.make_filter(
+        "image_based_intersect_clip_score",
+        centroids=cluster_centroids(),
+        target_ids=np.array([2, 0]),
+        language=stub_language,
+        arch="l14",
+        fraction=0.3,
+    )
+    table = pool_table()
+    scores = f.score(table)
+    assert f.needs_fit
+    f.fit([scores])
+    # image_based keeps [0, 2, 4, 6, 10, 11, 12]; L/14 >= 0.32 keeps [0, 3, 6, 9]
+    assert kept_rows(f.keep(scores)) == [0, 6]
+    assert f.dropped(scores)["dropped_clip_score/clip_score"] == len(ROWS) - 4
+
+
+def test_assignment_rule_inner_product_vs_l2():
+    x = np.array([[1.0, 0.0]], np.float32)
+    c = np.array([[1.0, 0.0], [3.0, 3.0]], np.float32)
+    assert filters.assign_centroids(x, c, rule="ip").tolist() == [1]  # DataComp: unnormalized IP
+    assert filters.assign_centroids(x, c, rule="l2").tolist() == [0]
+    big = np.random.default_rng(1).standard_normal((1000, 16)).astype(np.float32)
+    cs = np.random.default_rng(2).standard_normal((7, 16)).astype(np.float32)
+    ref = np.argmin(((big[:, None, :] - cs[None]) ** 2).sum(-1), axis=1)
+    assert np.array_equal(filters.assign_centroids(big, cs, rule="l2", batch_size=64), ref)
+    assert np.array_equal(filters.assign_centroids(big, cs, batch_size=64), (big @ cs.T).argmax(1))
+
+
+def test_kmeans_deterministic_and_finds_blobs():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((4, 16)) * 5
+    x = (centers[rng.integers(0, 4, 4000)] + rng.standard_normal((4000, 16))).astype(np.float32)
+    idx = np.concatenate([filters.sample_rows(2000, 0.5, seed=3, shard_index=s) for s in (0, 1)])
+    assert np.array_equal(
+        idx,
+        np.concatenate([filters.sample_rows(2000, 0.5, seed=3, shard_index=s) for s in (0, 1)]),
+    )
+    assert len(idx) == 2000 and not np.array_equal(idx[:1000], idx[1000:])
+    c1 = filters.train_centroids(x, 8, seed=7)
+    c2 = filters.train_centroids(x, 8, seed=7)
+    assert c1.shape == (8, 16) and c1.dtype == np.float32
+    assert np.array_equal(c1, c2)  # same seed, same centroids
+    assert not np.array_equal(c1, filters.train_centroids(x, 8, seed=8))
+    labels = filters.assign_centroids(x, c1, rule="l2")
+    blob = ((x[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+    # more clusters than blobs: no centroid spans two well-separated blobs
+    assert all(len(np.unique(blob[labels == c])) <= 1 for c in range(8))
+    with pytest.raises(ValueError, match="num_clusters"):
+        filters.train_centroids(x[:3], 4)
+
+
+def _write_pool(tmp_path) -> list[str]:
+    urls = []
+    for name, rows in (("00000000", list(range(7))), ("00000001", list(range(7, len(ROWS))))):
+        t = pool_table(rows)
+        url = str(tmp_path / f"{name}.parquet")
+        emb = datacomp.embedding_matrix(t, "l14_img", dtype=np.float16)
+        datacomp.write_shard(url, t.drop_columns(["l14_img"]), {"l14_img": emb})
+        urls.append(url)
+    return urls
+
+
+def test_filter_shards_two_passes_writes_datacomp_uids(tmp_path):
+    urls = _write_pool(tmp_path)
+    out = str(tmp_path / "uids" / "clip.npy")
+    f = filters.ClipScoreFilter(arch="l14", fraction=0.3)
+    pairs = filters.filter_shards(f, datacomp.list_shards(str(tmp_path)), out)
+    expected = sorted(uid_of(i).lower() for i in (0, 3, 6, 9))
+    assert datacomp.pairs_to_uids(datacomp.load_uids(out)).tolist() == expected
+    assert datacomp.pairs_to_uids(pairs).tolist() == expected
+
+    img = filters.ImageBasedFilter(
+        cluster_centroids(), target_ids=np.array([0, 2]), language=stub_language
+    )
+    got = datacomp.pairs_to_uids(filters.filter_shards(img, urls)).tolist()
+    assert got == sorted(uid_of(i).lower() for i in (0, 2, 4, 6, 10, 11, 12))
+
+
+def test_missing_columns_and_bad_arguments_raise():
+    with pytest.raises(ValueError, match="exactly one"):
+        filters.ClipScoreFilter(arch="b32")
+    with pytest.raises(ValueError, match="arch"):
+        filters.ClipScoreFilter(arch="h14", threshold=0.2)
+    with pytest.raises(ValueError, match="l14_img"):
+        filters.ImageBasedFilter(
+            cluster_centroids(), target_ids=np.array([0]), language=stub_language
+        ).score(pool_table().drop_columns(["l14_img"]))
+    with pytest.raises(ValueError, match="unknown DataComp baseline"):
+        filters.make_filter("text_based")
+
+
+def test_pool_centroids_from_caption_filtered_shards_and_target_files(tmp_path):
+    pytest.importorskip("faiss")
+    urls = _write_pool(tmp_path)
+    texts = pool_table().column("text")
+    assert kept_rows(filters.caption_filter(texts, stub_language)) == [
+        0, 2, 4, 5, 6, 7, 9, 10, 11, 12,
+    ]  # fmt: skip
+    c = filters.train_pool_centroids(urls, 4, sample_ratio=None, seed=0, language=stub_language)
+    assert c.shape == (4, DIM)
+    assert np.array_equal(c, filters.train_pool_centroids(urls, 4, seed=0, language=stub_language))
+    # 10 caption-passing rows sit near 4 axes: each trained centroid is one axis' cluster
+    labels = filters.assign_centroids(pool_embeddings().astype(np.float32), c, rule="l2")
+    kept = filters.caption_filter(texts, stub_language)
+    clusters = np.array([r[6] for r in ROWS])
+    assert all(len(np.unique(clusters[kept][labels[kept] == j])) == 1 for j in range(4))
+    with pytest.raises(ValueError, match="num_clusters"):
+        filters.train_pool_centroids(urls, 11, language=stub_language)
+
+    # targets given as embedding files (.npy and .npz), any number of them
+    np.save(tmp_path / "t0.npy", np.eye(4, DIM, dtype=np.float32)[[0]])
+    np.savez(tmp_path / "t1.npz", image_features=np.eye(4, DIM, dtype=np.float16)[[2]])
+    f = filters.ImageBasedFilter(
+        cluster_centroids(),
+        target_embeddings=[str(tmp_path / "t0.npy"), str(tmp_path / "t1.npz")],
+        language=stub_language,
+    )
+    f.setup()
+    assert f.target_ids.tolist() == [0, 2]
