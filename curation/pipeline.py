@@ -158,7 +158,16 @@ def parts_of(folder: str) -> list[Shard]:
     ]
 
 
-def _inputs_fingerprint(urls: Sequence[str]) -> list[list]:
+def _relative_to(url: str, root: str | None) -> str:
+    """`url` relative to the run folder when it lies inside it (so a moved folder resumes)."""
+    if root:
+        base = root.rstrip("/") + "/"
+        if url.startswith(base):
+            return "./" + url[len(base) :]
+    return url
+
+
+def _inputs_fingerprint(urls: Sequence[str], root: str | None = None) -> list[list]:
     from fsspec.core import url_to_fs
 
     out = []
@@ -168,8 +177,13 @@ def _inputs_fingerprint(urls: Sequence[str]) -> list[list]:
             size = fs.info(p).get("size")
         except FileNotFoundError:
             size = None
-        out.append([u, size])
+        out.append([_relative_to(u, root), size])
     return out
+
+
+def fp_inputs(inputs: list[dict]) -> list[list]:
+    """Inputs as (file name, sha256) for downstream fingerprints: content, not location."""
+    return [[i["url"].rsplit("/", 1)[-1], i["sha256"]] for i in inputs]
 
 
 def summarize(stage: str, markers: dict[str, dict]) -> dict[str, Any]:
@@ -242,7 +256,7 @@ def ingest(
     shards = shard_names(urls)
     params = {"max_text_chars": max_text_chars}
     stage_dir = stage_dir or out
-    fp = {"stage": "ingest", "params": params, "inputs": _inputs_fingerprint(urls)}
+    fp = {"stage": "ingest", "params": params, "inputs": _inputs_fingerprint(urls, out)}
     markers = run_stage(
         "ingest",
         stage_dir,
@@ -452,7 +466,7 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
     stage_markers.append(ing.pop("_markers"))
     manifest["inputs"] = ing.pop("inputs")
     manifest["stages"]["ingest"] = ing
-    up = fingerprint({"ingest": ing["counters"], "inputs": manifest["inputs"]})
+    up = fingerprint({"ingest": ing["counters"], "inputs": fp_inputs(manifest["inputs"])})
 
     mt = match(
         fsio.join(out, "ingest"),
