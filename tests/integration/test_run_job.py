@@ -172,6 +172,17 @@ def test_rerun_of_finished_folder_redoes_nothing(base, small_metadata):
     assert tree_digest(out) == digest
 
 
+def test_moved_run_folder_resumes_without_redoing_work(base, small_metadata, tmp_path):
+    out, m = base
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    before = mtimes(moved)
+    m2 = run(small_metadata, moved, t=T, seed=SEED)
+    assert mtimes(moved) == before  # no shard of any stage was redone
+    assert m2["stages"]["balance"] == m["stages"]["balance"]
+    assert curated_keys(moved) == curated_keys(out)
+
+
 def test_rerun_redoes_only_unfinished_shards(base, small_metadata):
     out, m = base
     digest = tree_digest(out)
