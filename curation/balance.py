@@ -69,8 +69,8 @@ def uniform_draws(uid_hash: np.ndarray, entry_ids: np.ndarray, seed: int) -> np.
 
 def entry_probabilities(counts: np.ndarray, t: float) -> np.ndarray:
     """p_e = min(1, t / count_e) (MetaCLIP's count_to_prob); entries never matched get 1."""
-    if t <= 0:
-        raise ValueError(f"t must be > 0, got {t}")
+    if not np.isfinite(t) or t <= 0:
+        raise ValueError(f"t must be a finite number > 0, got {t}")
     c = np.asarray(counts, dtype=np.float64)
     return t / np.maximum(c, t)
 

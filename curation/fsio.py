@@ -16,16 +16,34 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
+
+def _outer_group(pattern: str) -> tuple[int, int, list[str]] | None:
+    """First outermost balanced `{...}` group: (start, end, its comma-separated parts)."""
+    depth, start, parts, last = 0, -1, [], 0
+    for i, ch in enumerate(pattern):
+        if ch == "{":
+            if depth == 0:
+                start, parts, last = i, [], i + 1
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                parts.append(pattern[last:i])
+                if len(parts) > 1 or re.fullmatch(r"-?\d+\.\.-?\d+", parts[0]):
+                    return start, i + 1, parts
+        elif ch == "," and depth == 1:
+            parts.append(pattern[last:i])
+            last = i + 1
+    return None
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: `a{1..3}` and `a{x,y}` (nested and repeated groups too)."""
-    m = _BRACE.search(pattern)
-    if not m:
+    """Expand shell-style braces like bash: `a{1..3}`, `{00..02}`, `a{x,y}`, nested groups."""
+    group = _outer_group(pattern)
+    if group is None:
         return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    start, end, parts = group
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", parts[0]) if len(parts) == 1 else None
     if rng:
         lo_s, hi_s = rng.groups()
         lo, hi = int(lo_s), int(hi_s)
@@ -33,10 +51,10 @@ def expand_braces(pattern: str) -> list[str]:
         step = 1 if hi >= lo else -1
         options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
     else:
-        options = body.split(",")
+        options = [o for part in parts for o in expand_braces(part)]
     out: list[str] = []
     for opt in options:
-        out.extend(expand_braces(pattern[: m.start()] + opt + pattern[m.end() :]))
+        out.extend(expand_braces(pattern[:start] + opt + pattern[end:]))
     return out
 
 

@@ -190,7 +190,7 @@ class Ingestor:
                     )
                     continue
                 payload = record.reader.read()
-                if len(payload) < record.content_length:
+                if "Content-Length" not in record.headers or len(payload) < record.content_length:
                     counts["records_dropped_truncated"] += 1
                     counts["shards_truncated"] += 1
                     result.quarantine.append(
@@ -238,26 +238,29 @@ class Ingestor:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 corrupt/truncated gzip or WARC framing
+            # (FastWARC may raise a pyo3 PanicException, a BaseException); keep what was read.
             stopped = True
-            # (FastWARC may raise a pyo3 PanicException, a BaseException); keep what was read
-            counts["shards_corrupt"] += 1
+            cut = _gzip_tail_state(url, last_pos) == "truncated"
+            counts["shards_truncated" if cut else "shards_corrupt"] += 1
             result.quarantine.append(
                 _q(
                     shard,
                     url,
-                    "corrupt_shard",
+                    "truncated_shard" if cut else "corrupt_shard",
                     f"{type(exc).__name__}: {exc}",
                     record=record_no + 1,
                 )
             )
-        if not stopped and not _gzip_tail_complete(url, last_pos):
-            counts["shards_truncated"] += 1
+        tail = "complete" if stopped else _gzip_tail_state(url, last_pos)
+        if tail != "complete":
+            reason = "truncated_shard" if tail == "truncated" else "corrupt_shard"
+            counts["shards_truncated" if tail == "truncated" else "shards_corrupt"] += 1
             result.quarantine.append(
                 _q(
                     shard,
                     url,
-                    "truncated_shard",
-                    "file ends inside a record (incomplete gzip member)",
+                    reason,
+                    f"file ends inside a record ({tail} gzip member after the last record)",
                     record=record_no + 1,
                     offset=last_pos,
                 )
@@ -294,8 +297,12 @@ class Ingestor:
             if not isinstance(img, str) or not img:
                 counts["image_links_without_url"] += 1
                 continue
+            try:
+                resolved = urljoin(page_url, img) if isinstance(page_url, str) else img
+            except ValueError:  # unparseable URL (e.g. "http://[bad"): MetaCLIP drops the link
+                counts["image_links_bad_url"] += 1
+                continue
             counts["image_links"] += 1
-            resolved = None
             for key in TEXT_KEYS:
                 value = link.get(key)
                 if not isinstance(value, str):
@@ -303,11 +310,6 @@ class Ingestor:
                 text = normalize_alt_text(value)
                 if not text:
                     continue
-                if resolved is None:
-                    try:
-                        resolved = urljoin(page_url, img) if isinstance(page_url, str) else img
-                    except ValueError:
-                        resolved = img
                 rows.append((resolved, text, key, page_url))
 
     @staticmethod
@@ -367,7 +369,12 @@ class Ingestor:
         counts["rows_read"] += n
         url_col = pc.cast(raw.column("url"), pa.string())
         text_col = pc.cast(raw.column("text"), pa.string())
-        source_row = pa.array(np.arange(n, dtype=np.int64))
+        # source_row: the row of a Parquet file, the line number (0-based) of a JSONL file
+        source_row = (
+            raw.column("__line")
+            if "__line" in raw.column_names
+            else pa.array(np.arange(n, dtype=np.int64))
+        )
         bad_url = pc.fill_null(pc.equal(pc.utf8_length(url_col), 0), True)
         text_norm = pc.utf8_trim_whitespace(
             pc.replace_substring(pc.replace_substring(text_col, "\n", " "), "\r", " ")
@@ -434,6 +441,7 @@ class Ingestor:
                     _q(shard, url, "bad_json", "line is not an object", record=i)
                 )
                 continue
+            obj["__line"] = i
             records.append(obj)
         bad = len(result.quarantine)
         result.counts["rows_read"] += (
@@ -445,9 +453,9 @@ class Ingestor:
             return pa.table({"url": pa.array([], pa.string()), "text": pa.array([], pa.string())})
         cols = ("uid", "url", "text", "text_key", "page_url")
         present = [c for c in cols if any(c in r for r in records[:1000])] or ["url", "text"]
-        return pa.table(
-            {c: pa.array([_as_str(r.get(c)) for r in records], pa.string()) for c in present}
-        )
+        table = {c: pa.array([_as_str(r.get(c)) for r in records], pa.string()) for c in present}
+        table["__line"] = pa.array([r["__line"] for r in records], pa.int64())
+        return pa.table(table)
 
     def _cap_text(self, table: pa.Table) -> tuple[pa.Table, int]:
         text = table.column("text")
@@ -459,8 +467,8 @@ class Ingestor:
         return table, n
 
 
-def _gzip_tail_complete(url: str, start: int) -> bool:
-    """True when the bytes of `url` from `start` to EOF are whole gzip members.
+def _gzip_tail_state(url: str, start: int) -> str:
+    """ "complete", "truncated" or "corrupt": are the bytes of `url` from `start` whole gzip members?
 
     FastWARC stops quietly when a gzipped WAT is cut near a record boundary; this re-reads only
     the last record's member(s) so such a truncation is reported, not silently accepted.
@@ -468,7 +476,7 @@ def _gzip_tail_complete(url: str, start: int) -> bool:
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as f:
         if f.read(2) != b"\x1f\x8b":
-            return True
+            return "complete"
         f.seek(start)
         rest = f.read()
     while rest:
@@ -478,11 +486,11 @@ def _gzip_tail_complete(url: str, start: int) -> bool:
                 d.decompress(buf, 1 << 20)
                 buf = d.unconsumed_tail
         except zlib.error:
-            return False
+            return "corrupt"
         if not d.eof:
-            return False
+            return "truncated"
         rest = d.unused_data
-    return True
+    return "complete"
 
 
 def _as_str(v: Any) -> str | None:

@@ -19,6 +19,7 @@ Relative local paths are taken relative to the current directory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -103,6 +104,9 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
     for key in ("name", "input", "metadata"):
         if key not in spec:
             raise JobSpecError(f"{where}: missing required key '{key}'")
+    for key in ("name", "metadata"):
+        if not isinstance(spec[key], str) or not spec[key].strip():
+            raise JobSpecError(f"{where}: '{key}' must be a non-empty string, got {spec[key]!r}")
     seed = _int(spec.get("seed", 0), "seed", where)
     inp = _section(spec, "input", {"paths", "synth"}, where)
     paths = inp.get("paths") or []
@@ -133,7 +137,9 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
     t, p = bal.get("t"), bal.get("tail_proportion")
     if (t is None) == (p is None):
         raise JobSpecError(f"{where}: 'balance' needs exactly one of 't' or 'tail_proportion'")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+    if t is not None and (
+        isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+    ):
         raise JobSpecError(f"{where}: balance.t must be a number > 0, got {t!r}")
     if p is not None and (not isinstance(p, (int, float)) or not 0 < p <= 1):
         raise JobSpecError(f"{where}: balance.tail_proportion must be in (0, 1], got {p!r}")

@@ -1,0 +1,227 @@
+"""Job specs: the shipped jobs load; every kind of bad spec fails naming the offending key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from curation.job import JobSpec, JobSpecError, SynthInput, load_job, parse_job
+
+JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml"))
+
+BASE = {
+    "name": "unit",
+    "seed": 3,
+    "input": {"paths": ["data/*.parquet"]},
+    "metadata": "metadata/metadata_en.json",
+    "ingest": {"max_text_chars": 500},
+    "match": {"engine": "ngram"},
+    "balance": {"t": 20},
+    "output": "runs/unit",
+}
+
+
+def spec(**changes) -> dict:
+    s = copy.deepcopy(BASE)
+    for k, v in changes.items():
+        if v is _DELETE:
+            s.pop(k, None)
+        else:
+            s[k] = v
+    return s
+
+
+_DELETE = object()
+
+
+def test_shipped_jobs_exist():
+    names = {p.name for p in JOBS}
+    assert {"demo.yaml", "metaclip_400m.yaml", "metaclip_2_5b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
+def test_shipped_jobs_load(path):
+    job = load_job(str(path))
+    assert isinstance(job, JobSpec)
+    assert job.name == path.stem
+    assert (job.t is None) != (job.tail_proportion is None)
+    assert bool(job.paths) != (job.synth is not None)
+    raw = yaml.safe_load(path.read_text())
+    assert job.seed == raw.get("seed", 0)
+    assert job.metadata == raw["metadata"]
+
+
+def test_shipped_job_values():
+    by_name = {p.stem: load_job(str(p)) for p in JOBS}
+    assert by_name["metaclip_400m"].t == 20000
+    assert by_name["metaclip_2_5b"].t == 170000
+    demo = by_name["demo"]
+    assert demo.synth == SynthInput(shards=4, pairs_per_shard=25000, seed=0, malformed_rate=0.005)
+    assert demo.t == 20 and demo.paths == []
+
+
+def test_parse_valid_spec_fields():
+    job = parse_job(spec())
+    assert job.name == "unit"
+    assert job.seed == 3
+    assert job.paths == ["data/*.parquet"]
+    assert job.synth is None
+    assert job.max_text_chars == 500
+    assert job.engine == "ngram"
+    assert job.t == 20.0 and job.tail_proportion is None
+    assert job.output == "runs/unit"
+    d = job.to_dict()
+    assert d["t"] == 20.0 and d["paths"] == ["data/*.parquet"]
+
+
+def test_parse_defaults_and_string_path_and_tail_proportion():
+    s = spec(input={"paths": "one.parquet"}, balance={"tail_proportion": 0.25})
+    for k in ("seed", "ingest", "match", "output"):
+        s.pop(k)
+    job = parse_job(s)
+    assert job.paths == ["one.parquet"]
+    assert job.seed == 0 and job.engine == "auto" and job.max_text_chars == 1000
+    assert job.tail_proportion == 0.25 and job.t is None
+    assert job.output is None
+
+
+def test_parse_synth_input_seed_defaults_to_job_seed():
+    job = parse_job(spec(input={"synth": {"shards": 2, "pairs_per_shard": 10}}))
+    assert job.synth == SynthInput(shards=2, pairs_per_shard=10, seed=3, malformed_rate=0.0)
+    assert job.paths == []
+
+
+def test_tail_proportion_one_is_allowed():
+    assert parse_job(spec(balance={"tail_proportion": 1})).tail_proportion == 1.0
+
+
+BAD = {
+    "unknown_top_level_key": (spec(steps=[]), "steps"),
+    "missing_metadata": (spec(metadata=_DELETE), "metadata"),
+    "missing_name": (spec(name=_DELETE), "name"),
+    "missing_input": (spec(input=_DELETE), "input"),
+    "both_paths_and_synth": (
+        spec(input={"paths": ["a.parquet"], "synth": {"shards": 1, "pairs_per_shard": 1}}),
+        "paths",
+    ),
+    "neither_paths_nor_synth": (spec(input={}), "paths"),
+    "empty_paths": (spec(input={"paths": []}), "paths"),
+    "unknown_input_key": (spec(input={"paths": ["a"], "glob": "x"}), "glob"),
+    "both_t_and_tail_proportion": (
+        spec(balance={"t": 5, "tail_proportion": 0.2}),
+        "tail_proportion",
+    ),
+    "neither_t_nor_tail_proportion": (spec(balance={}), "tail_proportion"),
+    "missing_balance": (spec(balance=_DELETE), "balance"),
+    "negative_t": (spec(balance={"t": -5}), "balance.t"),
+    "zero_t": (spec(balance={"t": 0}), "balance.t"),
+    "string_t": (spec(balance={"t": "20k"}), "balance.t"),
+    "bool_t": (spec(balance={"t": True}), "balance.t"),
+    "tail_proportion_zero": (spec(balance={"tail_proportion": 0}), "tail_proportion"),
+    "tail_proportion_above_one": (spec(balance={"tail_proportion": 1.5}), "tail_proportion"),
+    "tail_proportion_string": (spec(balance={"tail_proportion": "0.1"}), "tail_proportion"),
+    "bad_engine": (spec(match={"engine": "regex"}), "match.engine"),
+    "unknown_match_key": (spec(match={"engine": "auto", "fuzzy": True}), "fuzzy"),
+    "non_integer_seed_float": (spec(seed=1.5), "seed"),
+    "non_integer_seed_string": (spec(seed="0"), "seed"),
+    "bool_seed": (spec(seed=True), "seed"),
+    "negative_seed": (spec(seed=-1), "seed"),
+    "max_text_chars_zero": (spec(ingest={"max_text_chars": 0}), "max_text_chars"),
+    "section_not_mapping": (spec(balance=[20]), "balance"),
+    "synth_shards_zero": (
+        spec(input={"synth": {"shards": 0, "pairs_per_shard": 5}}),
+        "input.synth.shards",
+    ),
+    "synth_missing_pairs": (spec(input={"synth": {"shards": 1}}), "pairs_per_shard"),
+    "synth_bad_malformed_rate": (
+        spec(input={"synth": {"shards": 1, "pairs_per_shard": 5, "malformed_rate": 2}}),
+        "malformed_rate",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_spec_names_the_key(case):
+    bad, key = BAD[case]
+    with pytest.raises(JobSpecError) as info:
+        parse_job(bad, where="my.yaml")
+    msg = str(info.value)
+    assert key in msg, msg
+    assert msg.startswith("my.yaml"), msg
+
+
+def test_top_level_not_mapping():
+    with pytest.raises(JobSpecError, match="mapping"):
+        parse_job(["name", "x"])  # type: ignore[arg-type]
+
+
+def test_job_spec_error_is_value_error():
+    assert issubclass(JobSpecError, ValueError)
+
+
+def test_load_job_invalid_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ninput: {paths: [a\nbalance: : :\n")
+    with pytest.raises(JobSpecError, match="not valid YAML") as info:
+        load_job(str(p))
+    assert str(p) in str(info.value)
+
+
+def test_load_job_empty_file(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("")
+    with pytest.raises(JobSpecError, match="mapping"):
+        load_job(str(p))
+
+
+def test_load_job_missing_file(tmp_path):
+    with pytest.raises(JobSpecError, match="does not exist"):
+        load_job(str(tmp_path / "nope.yaml"))
+
+
+def test_load_job_error_names_file_and_key(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text(yaml.safe_dump(spec(balanse={"t": 3})))
+    with pytest.raises(JobSpecError) as info:
+        load_job(str(p))
+    assert "balanse" in str(info.value) and str(p) in str(info.value)
+
+
+def test_load_job_round_trip(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    assert load_job(str(p)) == parse_job(BASE)
+
+
+def test_load_job_from_memory_url():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/jobs/unit.yaml", yaml.safe_dump(BASE).encode())
+    assert load_job("memory://jobs/unit.yaml").name == "unit"
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        (spec(metadata=None), "metadata"),  # `metadata:` with no value in YAML
+        (spec(metadata=""), "metadata"),
+        (spec(name=None), "name"),
+    ],
+    ids=["metadata_null", "metadata_empty", "name_null"],
+)
+def test_null_or_empty_required_value_rejected(bad, key):
+    # str(None) == "None" must not become a metadata path / job name silently.
+    with pytest.raises(JobSpecError) as info:
+        parse_job(bad)
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize("t", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_t_rejected(t):
+    # t = .nan makes every p_e NaN, so balancing silently keeps nothing.
+    with pytest.raises(JobSpecError, match="balance.t"):
+        parse_job(spec(balance={"t": t}))
