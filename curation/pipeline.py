@@ -273,6 +273,7 @@ def ingest(
         for m in markers.values()
     ]
     summary["input_bytes"] = sum(m.get("input_bytes") or 0 for m in markers.values())
+    summary["per_shard"] = {name: m["counts"] for name, m in markers.items()}
     summary["_markers"] = markers
     return summary
 
