@@ -178,11 +178,12 @@ def run_stage(
                 s = pending.pop(ref)
                 stats = ray.get(ref)
                 done[s.name] = stats
-                rows += int(stats.get("counts", {}).get("rows_written", 0))
+                c = stats.get("counts", {})
+                rows += int(c.get("rows_written", c.get("pairs", 0)))
                 if bar is not None:
                     bar.update(1)
                     rate = rows / max(time.time() - start, 1e-9)
-                    bar.set_postfix(rows=rows, rows_per_s=f"{rate:,.0f}")
+                    bar.set_postfix_str(f"rows={rows:,} rows/s={rate:,.0f}")
     finally:
         if bar is not None:
             bar.close()
