@@ -371,6 +371,125 @@ def balance(
     )
 
 
+BASELINES = (
+    "no_filter",
+    "basic_filter",
+    "clip_score",
+    "laion2b",
+    "image_based",
+    "image_based_intersect_clip_score",
+)
+
+
+@main.command("filter")
+@click.argument("pool", nargs=-1, required=True)
+@click.option("--baseline", type=click.Choice(BASELINES), required=True)
+@click.option(
+    "--arch",
+    type=click.Choice(["b32", "l14"]),
+    default="l14",
+    show_default=True,
+    help="CLIP score column for clip_score baselines.",
+)
+@click.option("--threshold", type=float, default=None, help="Keep CLIP score >= this.")
+@click.option(
+    "--fraction",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Keep the top fraction by CLIP score (global threshold over the pool).",
+)
+@click.option(
+    "--threshold-mode",
+    type=click.Choice(["datacomp", "exact"]),
+    default="datacomp",
+    show_default=True,
+    help="datacomp: its get_threshold (keeps n+1); exact: n.",
+)
+@click.option("--centroids", default=None, help="image_based: pool k-means centroids (.npy).")
+@click.option(
+    "--target-embeddings",
+    multiple=True,
+    help="image_based: target-set image embeddings (.npy/.npz), repeatable.",
+)
+@click.option("--embedding-key", default="l14_img", show_default=True)
+@click.option(
+    "--assign-rule",
+    type=click.Choice(["ip", "l2"]),
+    default="ip",
+    show_default=True,
+    help="ip: DataComp's argmax of unnormalized inner product; l2: nearest centroid.",
+)
+@click.option("-o", "--out", "out_dir", required=True)
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def filter_cmd(
+    pool: tuple[str, ...],
+    baseline: str,
+    arch: str,
+    threshold: float | None,
+    fraction: float | None,
+    threshold_mode: str,
+    centroids: str | None,
+    target_embeddings: tuple[str, ...],
+    embedding_key: str,
+    assign_rule: str,
+    out_dir: str,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Apply a DataComp filtering baseline to a DataComp-layout pool (Parquet + .npz).
+
+    Writes the kept rows as part-<shard>.parquet, DataComp's uid file uids.npy (sorted u8,u8,
+    for its resharder) and manifest.json with rows read / kept / dropped by reason.
+
+    \b
+    Example:
+      curation filter pool/metadata --baseline clip_score --arch l14 --fraction 0.3 -o out/clip30
+      curation filter pool/metadata --baseline basic_filter -o out/basic
+      curation filter pool/metadata --baseline image_based --centroids centroids.npy \\
+          --target-embeddings imagenet_l14.npy -o out/image_based
+    """
+    from curation.filter_run import run_filter
+    from curation.filters import make_filter
+
+    params: dict[str, Any] = {}
+    if "clip_score" in baseline:
+        if (threshold is None) == (fraction is None):
+            raise click.UsageError(f"{baseline} needs exactly one of --threshold or --fraction")
+        params.update(
+            arch=arch, threshold=threshold, fraction=fraction, threshold_mode=threshold_mode
+        )
+    if baseline.startswith("image_based"):
+        if not centroids or not target_embeddings:
+            raise click.UsageError(f"{baseline} needs --centroids and --target-embeddings")
+        from curation.datacomp import load_embedding_file
+
+        params.update(
+            centroids=load_embedding_file(centroids),
+            target_embeddings=list(target_embeddings),
+            key=embedding_key,
+            rule=assign_rule,
+        )
+    filt = make_filter(baseline, **params)
+    record = {
+        k: (v if not hasattr(v, "shape") else f"{centroids} {v.shape}") for k, v in params.items()
+    }
+    record["baseline"] = baseline
+    _ray(address, num_cpus)
+    s = run_filter(
+        filt, list(pool), out_dir, params=record, overwrite=overwrite, progress=not quiet
+    )
+    click.echo(
+        f"filter {baseline}: rows in {s['rows_read']:,}, kept {s['rows_written']:,}, "
+        f"dropped {s['rows_dropped']}{' fit ' + str(s['fit']) if s['fit'] else ''} "
+        f"→ {out_dir} (uids.npy: {s['uid_count']:,})"
+    )
+
+
 @main.command()
 @click.argument("job_path", metavar="JOB")
 @click.option("-o", "--out", "out_dir", default=None, help="Output folder (default: the job's).")
