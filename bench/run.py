@@ -5,6 +5,7 @@
    (bench_match.py), plus automaton build time and memory.
 3. balance: rows/s on one core.
 4. end to end: `curation run` on the demo pool with 2 CPUs (pairs/s).
+5. DataComp filters: basic / clip_score rows/s, faiss k-means on 1M x 768 float16.
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def main() -> None:
         bench_balance()
         print("== end to end ==")
         bench_end_to_end(tmp)
+        print("== DataComp filters ==")
+        import bench_filters
+
+        bench_filters.main()
         print("== match (1 core) ==")
         import bench_match
 
