@@ -208,30 +208,11 @@ class Ingestor:
                     break
                 try:
                     doc = json.loads(payload)
-                except UnicodeDecodeError as exc:
-                    counts["records_dropped_bad_utf8"] += 1
+                except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+                    reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
+                    counts[f"records_dropped_{reason}"] += 1
                     result.quarantine.append(
-                        _q(
-                            shard,
-                            url,
-                            "bad_utf8",
-                            str(exc),
-                            record=record_no,
-                            offset=record.stream_pos,
-                        )
-                    )
-                    continue
-                except ValueError as exc:
-                    counts["records_dropped_bad_json"] += 1
-                    result.quarantine.append(
-                        _q(
-                            shard,
-                            url,
-                            "bad_json",
-                            str(exc),
-                            record=record_no,
-                            offset=record.stream_pos,
-                        )
+                        _q(shard, url, reason, str(exc), record=record_no, offset=record.stream_pos)
                     )
                     continue
                 self._extract(doc, rows, counts)
@@ -427,19 +408,15 @@ class Ingestor:
                 continue
             try:
                 obj = json.loads(line)
-            except UnicodeDecodeError as exc:
-                result.counts["rows_dropped_bad_utf8"] += 1
-                result.quarantine.append(_q(shard, url, "bad_utf8", str(exc), record=i))
-                continue
-            except ValueError as exc:
-                result.counts["rows_dropped_bad_json"] += 1
-                result.quarantine.append(_q(shard, url, "bad_json", str(exc), record=i))
-                continue
-            if not isinstance(obj, dict):
-                result.counts["rows_dropped_bad_json"] += 1
-                result.quarantine.append(
-                    _q(shard, url, "bad_json", "line is not an object", record=i)
+                reason, detail = (
+                    (None, "") if isinstance(obj, dict) else ("bad_json", "line is not an object")
                 )
+            except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+                reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
+                detail = str(exc)
+            if reason is not None:
+                result.counts[f"rows_dropped_{reason}"] += 1
+                result.quarantine.append(_q(shard, url, reason, detail, record=i))
                 continue
             obj["__line"] = i
             records.append(obj)
