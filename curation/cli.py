@@ -289,22 +289,34 @@ def match(
 
 @main.command()
 @click.argument("matched")
-@click.option("-m", "--metadata", "metadata_path", required=True)
+@click.option(
+    "-m",
+    "--metadata",
+    "metadata_path",
+    default=None,
+    help="Metadata file (default: the one `curation match` recorded in MATCHED).",
+)
 @click.option("-o", "--out", "out_path", required=True, help="COUNTS.parquet to write.")
 @ADDRESS
 @NUM_CPUS
 def count(
-    matched: str, metadata_path: str, out_path: str, address: str | None, num_cpus: int | None
+    matched: str,
+    metadata_path: str | None,
+    out_path: str,
+    address: str | None,
+    num_cpus: int | None,
 ) -> None:
     """Count matches per metadata entry over the whole pool (entry_id, entry, count).
 
     \b
     Example:
+      curation count out/match -o out/counts.parquet
       curation count out/match -m metadata/metadata_en.json -o out/counts.parquet
     """
     from curation.pipeline import count as run_count
-    from curation.pipeline import write_counts
+    from curation.pipeline import match_metadata, write_counts
 
+    metadata_path = match_metadata(matched, metadata_path)
     _ray(address, num_cpus)
     counts, entries = run_count(matched, metadata_path)
     write_counts(counts, entries, out_path)

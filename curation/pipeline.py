@@ -321,6 +321,25 @@ def match(
     return summary
 
 
+def match_metadata(matched: str, metadata: str | None) -> str:
+    """The metadata file `matched` was produced with; `metadata`, when given, must agree."""
+    from curation.metadata import load_metadata
+    from curation.runner import STAGE_FILE
+
+    stage_file = fsio.join(matched, STAGE_FILE)
+    recorded = fsio.read_json(stage_file)["params"] if fsio.exists(stage_file) else None
+    if metadata is None:
+        if recorded is None:
+            raise ValueError(f"{matched} has no {STAGE_FILE}; pass the metadata file with -m")
+        return recorded["metadata"]
+    if recorded is not None and load_metadata(metadata).checksum != recorded["checksum"]:
+        raise ValueError(
+            f"{metadata} is not the metadata {matched} was matched with "
+            f"({recorded['metadata']}, {recorded['checksum']}); entry ids would not line up"
+        )
+    return metadata
+
+
 def count(inp: str, metadata: str) -> tuple[np.ndarray, tuple[str, ...]]:
     """Global entry counts over every part of `inp` (the barrier before balancing)."""
     import ray

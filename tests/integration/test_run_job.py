@@ -344,3 +344,15 @@ def test_cli_worker_killed_mid_shard_gives_identical_bytes(cli_job, tmp_path):
     assert "will be retried" in proc.stdout + proc.stderr
     faulty = cli_job.move_aside("faulty")
     assert_same_tree(faulty, cli_job.clean)
+
+
+def test_count_takes_metadata_from_the_match_stage(base, small_metadata, tmp_path):
+    from curation.pipeline import match_metadata
+
+    out, _ = base
+    assert match_metadata(str(out / "match"), None) == small_metadata
+    assert match_metadata(str(out / "match"), small_metadata) == small_metadata
+    other = tmp_path / "other.json"
+    write_metadata_json(["x", "y"], str(other))
+    with pytest.raises(ValueError, match="not the metadata"):
+        match_metadata(str(out / "match"), str(other))
