@@ -503,6 +503,113 @@ def filter_cmd(
 
 
 @main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
+@click.option(
+    "--model",
+    default="curation-tiny-vit",
+    show_default=True,
+    help="open_clip architecture (ViT-B-32, ViT-L-14, ...; curation-tiny-vit ships for tests).",
+)
+@click.option("--checkpoint", default=None, help="Local weights: .safetensors or a torch file.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (must be cached).")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast on GPU, fp32 on CPU.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Images decoded per chunk handed to a scorer actor.",
+)
+@click.option("--num-actors", type=click.IntRange(min=1), default=None, help="Default: 1 per GPU.")
+@click.option("--cpus-per-actor", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=50_000_000,
+    show_default=True,
+    help="Images declaring more pixels are refused before decoding.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds random weights.")
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def score(
+    shards: tuple[str, ...],
+    out_dir: str,
+    model: str,
+    checkpoint: str | None,
+    pretrained: str | None,
+    device: str,
+    precision: str,
+    batch_size: int,
+    chunk_rows: int,
+    num_actors: int | None,
+    cpus_per_actor: int | None,
+    max_pixels: int,
+    seed: int,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """CLIP-score image shards (webdataset tars or Parquet with image bytes) with open_clip.
+
+    Writes part-<shard>.parquet with uid, clip_score (float32) and image/text embeddings
+    (fixed-size lists of float16), quarantine.jsonl and manifest.json. One scorer actor per GPU;
+    CPU actors when there is none. Resumable.
+
+    \b
+    Example:
+      curation synth pool/ --images --shards 2 --pairs-per-shard 500 --seed 0
+      curation score pool/ -o out/scores            # tiny model, random weights: plumbing only
+      curation score shards/ -o out/scores --model ViT-B-32 --checkpoint vit_b32.safetensors
+    """
+    from curation.images import ImageLimits
+    from curation.score import ClipScorer
+    from curation.score_run import score_shards
+
+    scorer = ClipScorer(
+        model,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        precision=precision,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    limits = ImageLimits(max_pixels=max_pixels)
+    _ray(address, num_cpus)
+    s = score_shards(
+        list(shards),
+        out_dir,
+        scorer,
+        limits=limits,
+        chunk_rows=chunk_rows,
+        device=device,
+        num_actors=num_actors,
+        cpus_per_actor=cpus_per_actor,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    click.echo(
+        f"score {model}: {s['shards']} shards, rows in {s['rows_read']:,}, scored "
+        f"{s['rows_written']:,}, dropped {s['rows_dropped']} on {s['actors']} {s['device']} "
+        f"actor(s); quarantined {s['quarantined']} → {out_dir}"
+    )
+
+
+@main.command()
 @click.argument("job_path", metavar="JOB")
 @click.option("-o", "--out", "out_dir", default=None, help="Output folder (default: the job's).")
 @ADDRESS

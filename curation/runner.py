@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,3 +205,108 @@ def _progress(name: str, total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=f"{name:>8}", unit="shard", dynamic_ncols=True)
+
+
+def run_actor_stage(
+    name: str,
+    stage_dir: str,
+    shards: Sequence[Shard],
+    *,
+    split: Callable[..., Iterator[Any]],
+    split_args: tuple,
+    actor_cls: type,
+    actor_args: tuple,
+    num_actors: int,
+    actor_options: dict[str, Any],
+    finish: Callable[[Shard, str, list[Any]], dict[str, Any]],
+    fp: dict[str, Any],
+    overwrite: bool = False,
+    split_cpus: float = 1,
+    shards_in_flight: int | None = None,
+    actor_queue: int = 2,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Map a stage over shards with CPU producer tasks feeding a pool of (GPU) actors.
+
+    For each shard not yet done, `split(shard, *split_args)` runs as a Ray streaming-generator
+    task (CPU: read + decode) and yields chunks; each chunk goes to the least-loaded of
+    `num_actors` actors (`actor_cls(*actor_args)`, created with `actor_options`, e.g.
+    `{"num_gpus": 1}`) as `actor.process(chunk)`. Each actor has up to `actor_queue` chunks
+    queued, so while it computes one the next is already decoded and on its way (prefetch);
+    generators pause when the actors are full (bounded memory). When a shard's chunks are all
+    processed, `finish(shard, stage_dir, results_in_chunk_order)` runs in the driver and writes
+    the part and the marker. Output depends only on the chunks, never on which actor ran them.
+    """
+    import ray
+
+    prepare_stage_dir(stage_dir, fp, overwrite)
+    done: dict[str, dict[str, Any]] = {}
+    todo: list[Shard] = []
+    for s in shards:
+        m = read_marker(stage_dir, s.name)
+        if m is None:
+            todo.append(s)
+        else:
+            done[s.name] = m
+    if not todo:
+        return {s.name: done[s.name] for s in shards}
+    actor = ray.remote(max_restarts=1, max_task_retries=3)(actor_cls)
+    actors = [actor.options(**actor_options).remote(*actor_args) for _ in range(num_actors)]
+    producer = ray.remote(num_cpus=split_cpus, max_retries=3)(split)
+    limit = shards_in_flight or max(2, num_actors + 1)
+    bar = _progress(name, len(shards), len(done), enabled=progress)
+    queue = list(todo)
+    gens: dict[Any, Shard] = {}  # live generators
+    next_index: dict[str, int] = {}
+    split_done: set[str] = set()
+    results: dict[str, dict[int, Any]] = {}
+    pending: dict[Any, tuple[Shard, int, int]] = {}  # result ref -> (shard, chunk, actor)
+    load = [0] * num_actors
+    rows, start = 0, time.time()
+    try:
+        while queue or gens or pending:
+            while queue and len(gens) + len(split_done) < limit:
+                s = queue.pop(0)
+                g = producer.options(_generator_backpressure_num_objects=actor_queue + 1).remote(
+                    s, *split_args
+                )
+                gens[g] = s
+                next_index[s.name], results[s.name] = 0, {}
+            can_feed = min(load) < actor_queue
+            waitable = list(pending) + (list(gens) if can_feed else [])
+            ready, _ = ray.wait(waitable, num_returns=1)
+            for r in ready:
+                if r in gens:
+                    s = gens[r]
+                    try:
+                        chunk_ref = next(r)
+                    except StopIteration:
+                        del gens[r]
+                        split_done.add(s.name)
+                    else:
+                        a = min(range(num_actors), key=load.__getitem__)
+                        load[a] += 1
+                        i = next_index[s.name]
+                        next_index[s.name] = i + 1
+                        pending[actors[a].process.remote(chunk_ref)] = (s, i, a)
+                else:
+                    s, i, a = pending.pop(r)
+                    load[a] -= 1
+                    results[s.name][i] = ray.get(r)
+                if s.name in split_done and len(results[s.name]) == next_index[s.name]:
+                    ordered = [results[s.name][i] for i in range(next_index[s.name])]
+                    stats = finish(s, stage_dir, ordered)
+                    done[s.name] = stats
+                    split_done.discard(s.name)
+                    del results[s.name]
+                    rows += int(stats.get("counts", {}).get("rows_written", 0))
+                    if bar is not None:
+                        bar.update(1)
+                        rate = rows / max(time.time() - start, 1e-9)
+                        bar.set_postfix_str(f"rows={rows:,} rows/s={rate:,.0f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for a in actors:
+            ray.kill(a)
+    return {s.name: done[s.name] for s in shards}

@@ -1,0 +1,326 @@
+"""CLIP scoring with open_clip: image and text embeddings and their cosine similarity.
+
+`ClipScorer` is a stage in the project's sense: construct it with plain parameters (cheap,
+picklable), call `setup()` once per worker to load the model, then `score(pixels, texts)` per
+batch. It knows nothing of Ray; `curation.score_run` maps it over image shards on an actor pool.
+
+- **Model**: an open_clip architecture by name (`ViT-B-32`, `ViT-L-14`, ... or the shipped
+  `curation-tiny-vit` test config in `curation/model_configs/`). Weights come from a local
+  `checkpoint` (`.safetensors`, or a torch file loaded with `weights_only=True`; a `state_dict`
+  key and DistributedDataParallel's `module.` prefix are accepted), or from open_clip's
+  `pretrained` tag when the file is already in its cache (never downloaded: the hub is put in
+  offline mode). With neither, weights are random, seeded by `seed` so every worker holds the
+  same model, and a warning says the scores mean nothing.
+- **Inputs**: `pixels` are uint8 `(n, H, W, 3)` from `curation.images.PixelTransform` (the PIL
+  half of open_clip's preprocessing, done by CPU decode workers); here they become floats,
+  `/ 255`, normalized with the model's mean/std — together exactly open_clip's `preprocess`.
+- **Outputs**: L2-normalized float32 embeddings and `clip_score = Σ img · txt` (cosine
+  similarity, as DataComp's `clip_*_similarity_score`; no logit scale). On CUDA the model runs
+  under bf16 (or fp16) autocast; on CPU in float32. Batches are processed in fixed slices of
+  `batch_size`, so results do not depend on how rows were grouped upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CONFIG_DIR",
+    "TINY_MODEL",
+    "ClipScorer",
+    "ScoreResult",
+    "load_state_dict",
+    "register_model_configs",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+TINY_MODEL = "curation-tiny-vit"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def register_model_configs() -> None:
+    """Register the configs shipped in `curation/model_configs` with open_clip (idempotent)."""
+    import open_clip
+
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(str(CONFIG_DIR))
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → `cuda` when torch sees a GPU, else `cpu`; `cuda` without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def load_state_dict(path: str) -> dict[str, Any]:
+    """A model state dict from a local checkpoint, without unpickling arbitrary objects.
+
+    `.safetensors` files are read with safetensors; anything else with
+    `torch.load(weights_only=True)`, which refuses pickled code. open_clip training checkpoints
+    (`{"state_dict": ..., "epoch": ...}`) and `module.`-prefixed keys are unwrapped.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if p.suffix not in CHECKPOINT_SUFFIXES:
+        raise ValueError(
+            f"checkpoint {path!r}: expected one of {CHECKPOINT_SUFFIXES} (safetensors or a "
+            "torch state dict)"
+        )
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(p), device="cpu")
+    else:
+        try:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError or RuntimeError variants
+            raise ValueError(
+                f"checkpoint {path!r} cannot be loaded with weights_only=True ({exc}); only "
+                "plain tensors/state dicts are accepted — convert it to safetensors"
+            ) from exc
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"checkpoint {path!r} holds no state dict")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+@dataclass
+class ScoreResult:
+    """Per-row outputs of one batch: float32 score, float32 unit-norm embeddings."""
+
+    clip_score: np.ndarray
+    image_embedding: np.ndarray
+    text_embedding: np.ndarray
+
+
+class ClipScorer:
+    """open_clip model → embeddings + cosine score; build cheaply, `setup()` per worker."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        checkpoint: str | None = None,
+        pretrained: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 256,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
+        if checkpoint and pretrained:
+            raise ValueError("give a local --checkpoint or a --pretrained tag, not both")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint!r} is not a local file")
+        register_model_configs()
+        import open_clip
+
+        if model not in open_clip.list_models():
+            raise ValueError(
+                f"unknown open_clip model {model!r}; e.g. ViT-B-32, ViT-L-14 or {TINY_MODEL} "
+                "(`python -c 'import open_clip; print(open_clip.list_models())'` lists them)"
+            )
+        self.model_name = model
+        self.checkpoint = checkpoint
+        self.pretrained = pretrained
+        self.device_request = device
+        self.precision = precision
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_threads = num_threads
+        self.random_weights = checkpoint is None and pretrained is None
+        self._model: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the model (once per worker); resolves the device and precision."""
+        if self._model is not None:
+            return
+        import open_clip
+        import torch
+
+        register_model_configs()
+        if self.num_threads:
+            torch.set_num_threads(int(self.num_threads))
+        self.device = resolve_device(self.device_request)
+        torch.manual_seed(self.seed)  # random-weight models are identical on every worker
+        kwargs: dict[str, Any] = {"device": "cpu"}
+        if self.pretrained:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            try:
+                model, _, _ = open_clip.create_model_and_transforms(
+                    self.model_name, pretrained=self.pretrained, **kwargs
+                )
+            except Exception as exc:
+                raise RuntimeError(
+                    f"open_clip weights {self.model_name}/{self.pretrained} are not in the local "
+                    f"cache and cannot be downloaded here ({exc}); pass --checkpoint PATH"
+                ) from exc
+        else:
+            with warnings.catch_warnings(), _quiet_open_clip():
+                model, _, _ = open_clip.create_model_and_transforms(self.model_name, **kwargs)
+            if self.checkpoint:
+                sd = load_state_dict(self.checkpoint)
+                try:
+                    missing, unexpected = model.load_state_dict(sd, strict=False)
+                except RuntimeError as exc:  # shape mismatches
+                    raise ValueError(
+                        f"checkpoint {self.checkpoint!r} does not fit {self.model_name}: {exc}"
+                    ) from exc
+                missing = [k for k in missing if not k.endswith("attn_mask")]
+                if missing or unexpected:
+                    raise ValueError(
+                        f"checkpoint {self.checkpoint!r} does not fit {self.model_name}: "
+                        f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+                    )
+            else:
+                warnings.warn(
+                    f"{self.model_name}: no --checkpoint or --pretrained; random weights "
+                    f"(seed {self.seed}) — scores test the plumbing only",
+                    stacklevel=2,
+                )
+        model.eval().to(self.device)
+        self._model = model
+        self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        pp = dict(model.visual.preprocess_cfg)
+        self.preprocess_cfg = pp
+        self._mean = torch.tensor(pp["mean"], device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(pp["std"], device=self.device).view(1, 3, 1, 1)
+        self.image_size = _square(pp["size"])
+        self.embed_dim = int(open_clip.get_model_config(self.model_name)["embed_dim"])
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.startswith("cuda") else "fp32"
+        if precision != "fp32" and not self.device.startswith("cuda"):
+            raise ValueError(f"precision {precision} needs a CUDA device (got {self.device})")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def pixel_transform(self) -> Any:
+        """The CPU half of this model's preprocessing, for decode workers (picklable)."""
+        from curation.images import PixelTransform
+
+        self.setup()
+        pp = self.preprocess_cfg
+        return PixelTransform(self.image_size, pp["interpolation"], pp["resize_mode"])
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about the model."""
+        return {
+            "model": self.model_name,
+            "checkpoint": self.checkpoint,
+            "pretrained": self.pretrained,
+            "random_weights": self.random_weights,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+        }
+
+    # -- compute ---------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def embed_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 `(n, H, W, 3)` → float32 unit-norm image embeddings `(n, d)`."""
+        import torch
+
+        self.setup()
+        out = []
+        with torch.inference_mode():
+            for lo in range(0, len(pixels), self.batch_size):
+                batch = np.require(pixels[lo : lo + self.batch_size], requirements=["C", "W"])
+                x = torch.from_numpy(batch)
+                x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+                x = (x - self._mean) / self._std
+                with self._autocast():
+                    f = self._model.encode_image(x)
+                out.append(_normalize(f.float()).cpu().numpy())
+        return _concat(out, self.embed_dim)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Captions → float32 unit-norm text embeddings `(n, d)` (null captions count as "")."""
+        import torch
+
+        self.setup()
+        texts = [t if t is not None else "" for t in texts]
+        out = []
+        with torch.inference_mode():
+            for lo in range(0, len(texts), self.batch_size):
+                tok = self._tokenizer(texts[lo : lo + self.batch_size]).to(self.device)
+                with self._autocast():
+                    f = self._model.encode_text(tok)
+                out.append(_normalize(f.float()).cpu().numpy())
+        return _concat(out, self.embed_dim)
+
+    def score(self, pixels: np.ndarray, texts: list[str]) -> ScoreResult:
+        """Embeddings of both sides and their cosine similarity, row by row."""
+        if len(pixels) != len(texts):
+            raise ValueError(f"{len(pixels)} images but {len(texts)} texts")
+        img = self.embed_images(pixels)
+        txt = self.embed_texts(texts)
+        s = np.einsum("nd,nd->n", img, txt, dtype=np.float32) if len(img) else np.zeros(0)
+        return ScoreResult(s.astype(np.float32), img, txt)
+
+
+def _normalize(x: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.normalize(x, dim=-1)
+
+
+def _concat(parts: list[np.ndarray], dim: int | None) -> np.ndarray:
+    if parts:
+        return np.concatenate(parts).astype(np.float32, copy=False)
+    return np.zeros((0, dim or 0), dtype=np.float32)
+
+
+def _square(size: Any) -> int:
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise ValueError(f"non-square model input size {size} is not supported")
+        return int(size[0])
+    return int(size)
+
+
+class _quiet_open_clip:
+    """open_clip logs a WARNING for random init; we warn once ourselves with the reason."""
+
+    def __enter__(self) -> None:
+        self._level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger().setLevel(self._level)
