@@ -131,13 +131,57 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+class _Tail:
+    """A read-only stream that remembers its last bytes, to check how a tar ended."""
+
+    KEEP = 1 << 16
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.pos = 0
+        self.buf = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.pos += len(data)
+        self.buf += data
+        if len(self.buf) > 2 * self.KEEP:
+            del self.buf[: len(self.buf) - self.KEEP]
+        return data
+
+    def block_at(self, offset: int) -> bytes:
+        """The 512 bytes at `offset` (fewer at end of stream); reads on as needed."""
+        while self.pos < offset + 512:
+            if not self.read(offset + 512 - self.pos):
+                break
+        start = offset - (self.pos - len(self.buf))
+        if start < 0:
+            raise ValueError(f"tar offset {offset} is behind the kept window")
+        return bytes(self.buf[start : start + 512])
+
+
+def _open_tar_stream(f: Any) -> _Tail:
+    """The uncompressed tar stream of `f` (gzip is detected by its magic bytes)."""
+    import gzip
+
+    head = f.read(2)
+    f.seek(0)
+    return _Tail(gzip.GzipFile(fileobj=f, mode="rb") if head == b"\x1f\x8b" else f)
+
+
 def _tar_samples(
     f: Any, url: str, limits: ImageLimits, shard: ImageShard
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream (key, {ext: bytes}) groups of consecutive members; raises on a broken tar."""
+    """Stream (key, {ext: bytes}) groups of consecutive members; raises on a broken tar.
+
+    Python's tarfile ends quietly when the stream stops at a block boundary or meets a
+    garbage header; a tar is only complete when an all-zero end-of-archive block follows its
+    last member, so anything else is reported as truncated / corrupt.
+    """
     key: str | None = None
     parts: dict[str, bytes] = {}
-    with tarfile.open(fileobj=f, mode="r|*") as tar:
+    stream = _open_tar_stream(f)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if not member.isreg():
                 shard.counts["members_skipped_not_regular"] += 1
@@ -153,6 +197,11 @@ def _tar_samples(
                 continue
             fobj = tar.extractfile(member)
             parts[ext] = fobj.read() if fobj is not None else b""
+        end = stream.block_at(tar.offset)
+        if len(end) < 512:
+            raise tarfile.ReadError(f"truncated: no end-of-archive block at byte {tar.offset}")
+        if end.count(0) != 512:
+            raise tarfile.ReadError(f"corrupt: invalid member header at byte {tar.offset}")
         if key is not None:
             yield key, parts
 

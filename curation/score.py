@@ -47,6 +47,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 TINY_MODEL = "curation-tiny-vit"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_PP_KEYS = ("size", "mean", "std", "interpolation", "resize_mode")
 
 
 def register_model_configs() -> None:
@@ -149,6 +150,7 @@ class ClipScorer:
                 "(`python -c 'import open_clip; print(open_clip.list_models())'` lists them)"
             )
         self.model_name = model
+        self.embed_dim = int((open_clip.get_model_config(model) or {}).get("embed_dim", 0))
         self.checkpoint = checkpoint
         self.pretrained = pretrained
         self.device_request = device
@@ -211,11 +213,17 @@ class ClipScorer:
         self._model = model
         self._tokenizer = open_clip.get_tokenizer(self.model_name)
         pp = dict(model.visual.preprocess_cfg)
+        got = {k: _square(pp[k]) if k == "size" else pp[k] for k in _PP_KEYS}
+        want = self.expected_preprocess()
+        if {k: _plain(v) for k, v in got.items()} != {k: _plain(v) for k, v in want.items()}:
+            raise RuntimeError(
+                f"{self.model_name}: the model's preprocessing {got} differs from the one "
+                f"derived from its config {want}; decode workers would prepare images wrongly"
+            )
         self.preprocess_cfg = pp
         self._mean = torch.tensor(pp["mean"], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pp["std"], device=self.device).view(1, 3, 1, 1)
         self.image_size = _square(pp["size"])
-        self.embed_dim = int(open_clip.get_model_config(self.model_name)["embed_dim"])
         precision = self.precision
         if precision == "auto":
             precision = "bf16" if self.device.startswith("cuda") else "fp32"
@@ -223,13 +231,34 @@ class ClipScorer:
             raise ValueError(f"precision {precision} needs a CUDA device (got {self.device})")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
+    def expected_preprocess(self) -> dict[str, Any]:
+        """open_clip's eval preprocessing for this model, from its configs, without building it.
+
+        Mirrors `open_clip.create_model`: defaults, then the model config's `preprocess_cfg`,
+        then the pretrained tag's; the size is the vision tower's. `setup()` checks the built
+        model agrees, so decode workers can start before any model is loaded.
+        """
+        from dataclasses import asdict
+
+        import open_clip
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+        cfg = open_clip.get_model_config(self.model_name) or {}
+        pp = merge_preprocess_dict(asdict(PreprocessCfg()), cfg.get("preprocess_cfg", {}))
+        if self.pretrained:
+            pp = merge_preprocess_dict(
+                pp, open_clip.get_pretrained_cfg(self.model_name, self.pretrained)
+            )
+        size = cfg.get("vision_cfg", {}).get("image_size", pp["size"])
+        pp["size"] = _square(size)
+        return {k: pp[k] for k in _PP_KEYS}
+
     def pixel_transform(self) -> Any:
         """The CPU half of this model's preprocessing, for decode workers (picklable)."""
         from curation.images import PixelTransform
 
-        self.setup()
-        pp = self.preprocess_cfg
-        return PixelTransform(self.image_size, pp["interpolation"], pp["resize_mode"])
+        pp = self.expected_preprocess()
+        return PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the model."""
@@ -305,6 +334,10 @@ def _concat(parts: list[np.ndarray], dim: int | None) -> np.ndarray:
     if parts:
         return np.concatenate(parts).astype(np.float32, copy=False)
     return np.zeros((0, dim or 0), dtype=np.float32)
+
+
+def _plain(v: Any) -> Any:
+    return [round(float(x), 8) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def _square(size: Any) -> int:

@@ -83,10 +83,6 @@ class ScoreActor:
         self.scorer = scorer
         scorer.setup()
 
-    def info(self) -> dict[str, Any]:
-        s = self.scorer
-        return {"device": s.device, "preprocess": s.preprocess_cfg, "embed_dim": s.embed_dim}
-
     def process(self, chunk: dict[str, Any]) -> dict[str, Any]:
         meta: pa.Table = chunk["meta"]
         res = self.scorer.score(chunk["pixels"], meta.column("text").to_pylist())
@@ -201,7 +197,6 @@ def score_shards(
     `scorer` is a `ClipScorer` (not yet set up); its device is chosen here from the cluster:
     one actor per GPU when there are GPUs (`device` auto or cuda), else CPU actors.
     """
-    import ray
 
     from curation.images import list_image_shards
     from curation.pipeline import _inputs_fingerprint, public, summarize, versions, write_quarantine
@@ -216,12 +211,8 @@ def score_shards(
     scorer = copy.copy(scorer)
     scorer.device_request = dev
     scorer.num_threads = max(1, int(options["num_cpus"])) if dev == "cpu" else None
-    probe = ray.remote(**options)(ScoreActor).remote(scorer)
-    info = ray.get(probe.info.remote())
-    ray.kill(probe)
-    pp = info["preprocess"]
-    size = pp["size"][0] if isinstance(pp["size"], (tuple, list)) else pp["size"]
-    transform = PixelTransform(size, pp["interpolation"], pp["resize_mode"])
+    pp = scorer.expected_preprocess()  # each actor checks its model agrees
+    transform = PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
     params = {
         **scorer.describe(),
         "limits": dataclasses.asdict(limits),
@@ -250,7 +241,7 @@ def score_shards(
     manifest = {
         "stage": "score",
         "params": params,
-        "model": {**scorer.describe(), "embed_dim": info["embed_dim"], "preprocess": pp},
+        "model": {**scorer.describe(), "embed_dim": scorer.embed_dim, "preprocess": pp},
         "pool": {"device": dev, "actors": n_actors, "actor_resources": options},
         "versions": versions(),
         "inputs": [[m["input"], m["shard"]] for m in markers.values()],

@@ -249,3 +249,33 @@ def test_pixel_transform_matches_open_clip_preprocess_exactly():
 def test_limits_are_validated():
     with pytest.raises(ValueError, match="positive"):
         ImageLimits(max_pixels=0)
+
+
+@pytest.mark.parametrize("cut", ["member_boundary", "end_marker", "garbage", "gzip"])
+def test_tar_cut_where_tarfile_stops_quietly_is_still_corrupt(tmp_path, cut):
+    samples = [sample(f"k{i}") for i in range(4)]
+    url = write_tar(tmp_path / "a.tar", samples)
+    data = (tmp_path / "a.tar").read_bytes()
+    # Offset just after the last member's data block (where the end marker begins).
+    with tarfile.open(url) as tf:
+        members = tf.getmembers()
+    last = members[-1]
+    end = last.offset_data + (last.size + 511) // 512 * 512
+    if cut == "member_boundary":
+        data = data[: members[6].offset]
+    elif cut == "end_marker":
+        data = data[:end]
+    elif cut == "garbage":
+        data = data[:end] + b"\x07" * 1024
+    else:
+        data = gzip.compress(data, mtime=0)[:-300]
+    (tmp_path / "a.tar").write_bytes(data)
+    shard = read_tar(url)
+    assert [q["reason"] for q in shard.quarantine] == ["corrupt_shard"], cut
+    assert shard.table.num_rows < 4
+
+
+def test_complete_tar_padded_to_a_record_is_not_corrupt(tmp_path):
+    url = write_tar(tmp_path / "a.tar", [sample("k0"), sample("k1")], gz=True)
+    shard = read_tar(url)
+    assert shard.table.num_rows == 2 and not shard.quarantine
