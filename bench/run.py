@@ -6,6 +6,9 @@
 3. balance: rows/s on one core.
 4. end to end: `curation run` on the demo pool with 2 CPUs (pairs/s).
 5. DataComp filters: basic / clip_score rows/s, faiss k-means on 1M x 768 float16.
+6. CLIP scoring (bench_score.py): decode vs model img/s and their time shares with the tiny
+   model on CPU, end to end on the Ray actor pool; `python bench/bench_score.py --gpu` on a GPU
+   machine for ViT-B-32 / ViT-L-14 end to end vs model alone.
 """
 
 from __future__ import annotations
@@ -113,6 +116,10 @@ def main() -> None:
         import bench_filters
 
         bench_filters.main()
+        print("== CLIP scoring (CPU) ==")
+        import bench_score
+
+        bench_score.main([])
         print("== match (1 core) ==")
         import bench_match
 

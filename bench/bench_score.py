@@ -1,0 +1,173 @@
+"""CLIP scoring throughput: decode vs model, and end to end on the Ray actor pool.
+
+CPU (always, part of `make bench`): the shipped tiny open_clip model on a generated webdataset
+pool (`curation synth --images`, 256 px JPEGs):
+- decode: JPEG → resize/crop uint8 (`decode_images`), one core;
+- model: `ClipScorer.score` on pre-decoded pixels (both towers + tokenizer), one thread;
+- the share of per-image time spent decoding vs in the model;
+- end to end: `score_shards` on a local Ray cluster (CPU actors + decode tasks), Ray start
+  excluded.
+
+GPU (`python bench/bench_score.py --gpu`, when a GPU is present): ViT-B-32 and ViT-L-14 at
+224 px with random weights (throughput does not depend on the weights): model alone on
+pre-decoded pixels already in memory vs end to end from JPEG shards through the actor pool, and
+their ratio (the goal: end to end >= 90% of model alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _pool(folder: Path, shards: int, per_shard: int, size: int) -> list[str]:
+    from curation.synth_images import write_synthetic_image_pool
+
+    write_synthetic_image_pool(str(folder), shards, per_shard, 0, image_size=size)
+    return sorted(str(p) for p in folder.glob("*.tar"))
+
+
+def _decoded(files: list[str], transform) -> tuple:
+    import numpy as np
+
+    from curation.images import decode_images, read_tar
+
+    t0 = time.perf_counter()
+    pix, texts = [], []
+    for f in files:
+        shard = read_tar(f)
+        p, ok, _, _ = decode_images(shard.table.column("image"), transform)
+        pix.append(p)
+        texts += shard.table.filter(ok).column("text").to_pylist()
+    return np.concatenate(pix), texts, time.perf_counter() - t0
+
+
+def _model_rate(scorer, pixels, texts, repeats: int = 1) -> float:
+    scorer.score(pixels[: scorer.batch_size], texts[: scorer.batch_size])  # warm up
+    sync = _sync(scorer)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        scorer.score(pixels, texts)
+    sync()
+    return repeats * len(pixels) / (time.perf_counter() - t0)
+
+
+def _sync(scorer):
+    import torch
+
+    if getattr(scorer, "device", "cpu").startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _end_to_end(files, out: Path, scorer, **kw) -> tuple[float, dict]:
+    from curation.score_run import score_shards
+
+    t0 = time.perf_counter()
+    s = score_shards(files, str(out), scorer, progress=False, overwrite=True, **kw)
+    return s["rows_written"] / (time.perf_counter() - t0), s
+
+
+def bench_cpu(tmp: Path, shards: int = 4, per_shard: int = 1000) -> None:
+    import torch
+
+    from curation.runner import ensure_ray
+    from curation.score import TINY_MODEL, ClipScorer
+
+    torch.set_num_threads(1)
+    files = _pool(tmp / "pool", shards, per_shard, 256)
+    scorer = ClipScorer(TINY_MODEL, batch_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scorer.setup()
+    pixels, texts, dec_s = _decoded(files, scorer.pixel_transform())
+    n = len(pixels)
+    dec_rate = n / dec_s
+    model_rate = _model_rate(scorer, pixels, texts)
+    share = (1 / dec_rate) / (1 / dec_rate + 1 / model_rate)
+    print(
+        f"score CPU, {TINY_MODEL} ({scorer.image_size} px), {n:,} JPEGs of 256 px, one core: "
+        f"decode+resize {dec_rate:,.0f} img/s, model {model_rate:,.0f} img/s; "
+        f"per image {share:.0%} decoding / {1 - share:.0%} model"
+    )
+    ensure_ray(num_cpus=2)
+    # Two pool sizes: the difference cancels the fixed cost (actor start: a fresh process
+    # importing torch and building the model), leaving the steady-state rate.
+    _end_to_end(files[:1], tmp / "warm", ClipScorer(TINY_MODEL, batch_size=256))  # workers
+    runs = []
+    for k in (1, len(files)):
+        t0 = time.perf_counter()
+        _, s = _end_to_end(files[:k], tmp / f"out{k}", ClipScorer(TINY_MODEL, batch_size=256))
+        runs.append((s["rows_written"], time.perf_counter() - t0))
+    (n1, t1), (n2, t2) = runs
+    print(
+        f"score CPU end to end (Ray, 2 CPUs: {s['actors']} actor + 1 decode task, Ray start "
+        f"excluded): {n2:,} images in {t2:.1f} s = {n2 / t2:,.0f} img/s including actor start; "
+        f"steady state {(n2 - n1) / (t2 - t1):,.0f} img/s"
+    )
+
+
+def bench_gpu(tmp: Path, models: list[str], images: int) -> None:
+    import torch
+
+    from curation.runner import ensure_ray
+    from curation.score import ClipScorer
+
+    if not torch.cuda.is_available():
+        print("score GPU: no CUDA device here; skipped")
+        return
+    name = torch.cuda.get_device_name(0)
+    cpus = os.cpu_count() or 1
+    shards = max(cpus - 1, 1)
+    files = _pool(tmp / "gpool", shards, -(-images // shards), 256)
+    ensure_ray(num_cpus=cpus)
+    for model in models:
+        for bs in (256,):
+            scorer = ClipScorer(model, batch_size=bs, device="cuda")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scorer.setup()
+            pixels, texts, dec_s = _decoded(files[:1], scorer.pixel_transform())
+            reps = max(1, 20_000 // len(pixels))
+            alone = _model_rate(scorer, pixels, texts, repeats=reps)
+            del scorer
+            torch.cuda.empty_cache()
+            rate, s = _end_to_end(
+                files, tmp / f"out-{model}", ClipScorer(model, batch_size=bs), chunk_rows=1024
+            )
+            print(
+                f"score GPU {name}, {model} 224 px bf16, batch {bs}: model alone "
+                f"{alone:,.0f} img/s; end to end from JPEG shards {rate:,.0f} img/s "
+                f"({rate / alone:.0%} of model alone; {s['rows_written']:,} images, "
+                f"{cpus - 1} decode CPUs, one-core decode {len(pixels) / dec_s:,.0f} img/s)"
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="GPU numbers for --models")
+    ap.add_argument("--models", default="ViT-B-32,ViT-L-14")
+    ap.add_argument("--images", type=int, default=30_000)
+    args = ap.parse_args(argv or [])
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    tmp = Path(tempfile.mkdtemp(prefix="curation-bench-score-"))
+    try:
+        if args.gpu:
+            bench_gpu(tmp, args.models.split(","), args.images)
+        else:
+            bench_cpu(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
