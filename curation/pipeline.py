@@ -11,6 +11,7 @@ import os
 import platform
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -110,7 +111,22 @@ def _matcher(params: dict) -> Any:
 def match_task(shard: Shard, stage_dir: str, params: dict) -> dict:
     matcher = _matcher(params)
     _maybe_crash("match", shard.name)
+    return _match_finish(shard, stage_dir, matcher, pq.read_table(shard.input))
+
+
+def pool_match_task(shard: Shard, stage_dir: str, params: dict) -> dict:
+    """Match a pool shard as it is (every Parquet column), adding its row index `pool_row`."""
+    from curation.filter_run import POOL_ROW
+
+    matcher = _matcher(params)
+    _maybe_crash("match", shard.name)
     table = pq.read_table(shard.input)
+    if POOL_ROW not in table.column_names:
+        table = table.append_column(POOL_ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    return _match_finish(shard, stage_dir, matcher, table)
+
+
+def _match_finish(shard: Shard, stage_dir: str, matcher: Any, table: pa.Table) -> dict:
     out = matcher.process(table)
     counts: Counter = Counter(rows_read=table.num_rows)
     lengths = pa.compute.list_value_length(out.column("entry_ids"))
@@ -289,6 +305,32 @@ def match(
     progress: bool = True,
     upstream: str = "",
 ) -> dict:
+    return _match_stage(
+        parts_of(inp),
+        metadata,
+        stage_dir,
+        match_task,
+        engine=engine,
+        script_aware=script_aware,
+        overwrite=overwrite,
+        progress=progress,
+        upstream=upstream,
+    )
+
+
+def _match_stage(
+    shards: Sequence[Shard],
+    metadata: str,
+    stage_dir: str,
+    task: Any,
+    *,
+    engine: str,
+    script_aware: bool,
+    overwrite: bool,
+    progress: bool,
+    upstream: str,
+    extra: dict[str, Any] | None = None,
+) -> dict:
     from curation.metadata import load_metadata
 
     md = load_metadata(metadata)
@@ -297,8 +339,8 @@ def match(
         "checksum": md.checksum,
         "engine": engine,
         "script_aware": script_aware,
+        **(extra or {}),
     }
-    shards = parts_of(inp)
     fp = {
         "stage": "match",
         "params": params,
@@ -309,7 +351,7 @@ def match(
         "match",
         stage_dir,
         shards,
-        match_task,
+        task,
         (params,),
         fp=fp,
         overwrite=overwrite,
@@ -432,10 +474,14 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
     """Run a whole job: (synth →) ingest → match → count → balance → report → manifest.json.
 
     Every stage resumes from its completion markers; a changed spec refuses to reuse old parts
-    unless `overwrite`. The manifest holds no timestamps, so same inputs ⇒ same bytes.
+    unless `overwrite`. The manifest holds no timestamps, so same inputs ⇒ same bytes. A job on
+    `input.pool` runs `run_pool_job` instead.
     """
     from curation.metadata import load_metadata
     from curation.report import write_report
+
+    if spec.pool:
+        return run_pool_job(spec, out, overwrite=overwrite, progress=progress)
 
     md = load_metadata(spec.metadata)  # fail before any work if the metadata is bad
     inputs = list(spec.paths)
@@ -546,6 +592,213 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
     return manifest
 
 
+def _count_and_balance(
+    spec: Any,
+    out: str,
+    mt: dict,
+    up: str,
+    manifest: dict[str, Any],
+    stage_markers: list[dict[str, dict]],
+    *,
+    overwrite: bool,
+    progress: bool,
+) -> str:
+    """count → balance → report of a pool job after its match stage; the next upstream."""
+    from curation.report import write_report
+
+    stage_markers.append(mt.pop("_markers"))
+    manifest["metadata"] = mt.pop("metadata")
+    manifest["stages"]["match"] = mt
+    before, entries = count(fsio.join(out, "match"), spec.metadata)
+    write_counts(before, entries, fsio.join(out, "counts", "entry_counts.parquet"))
+    t, p = resolve_t(before, spec.t, spec.tail_proportion)
+    manifest["balance"] = {
+        "t": t,
+        "tail_proportion": p,
+        "seed": spec.seed,
+        "t_given": spec.t is not None,
+        "when": spec.balance_when,
+    }
+    manifest["stages"]["count"] = {
+        "entries": len(entries),
+        "matches": int(before.sum()),
+        "entries_matched": int((before > 0).sum()),
+    }
+    up = fingerprint({"match": mt["counters"], "up": up})
+    bl = balance(
+        fsio.join(out, "match"),
+        before,
+        fsio.join(out, "balance"),
+        t=t,
+        seed=spec.seed,
+        overwrite=overwrite,
+        progress=progress,
+        upstream=up,
+    )
+    stage_markers.append(bl.pop("_markers"))
+    manifest["stages"]["balance"] = bl
+    after, _ = count(fsio.join(out, "balance"), spec.metadata)
+    write_counts(after, entries, fsio.join(out, "counts", "entry_counts_balanced.parquet"))
+    report = write_report(out, before, after, entries, t, p)
+    manifest["report"] = {"head_tail_before": report["before"], "head_tail_after": report["after"]}
+    manifest["flow"] += ["match", "count", "balance"]
+    return fingerprint({"balance": bl["counters"], "up": up})
+
+
+def run_pool_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """A job on a pool (`input.pool`): its filters and MetaCLIP balancing, in the spec's order.
+
+    The pool (DataComp layout or a `curation score` folder) is read as it is, every Parquet
+    column kept. `balance.when: after` (or no balance): filter (`OUT/filter`, with `pool_row`),
+    then match → count → balance on the kept rows. `before`: match the pool (adding `pool_row`)
+    → count → balance, then filter the balanced rows (global thresholds are fitted on them;
+    `.npz` embeddings are found by `pool_row`). The last stage's folder is the curated subset,
+    with DataComp's uid file `OUT/uids.npy` when every uid is 32 hex digits. Filters, their
+    files and the pool's columns are checked before any work.
+    """
+    from curation import datacomp
+    from curation.filter_run import (
+        POOL_ROW,
+        check_pool,
+        datacomp_size,
+        filter_stage,
+        pool_shards,
+        write_uid_file,
+    )
+    from curation.filters import combine_filters, filter_from_params
+    from curation.metadata import load_metadata
+
+    urls = datacomp.list_shards(spec.pool)
+    if not urls:
+        raise FileNotFoundError(f"input.pool {spec.pool}: no .parquet shards")
+    shards = pool_shards(urls)
+    needs = ["uid", "text"] if spec.balance else ["uid"]
+    filt = None
+    if spec.filters is not None:
+        filt = combine_filters(
+            [
+                filter_from_params(
+                    st.baseline, st.params, name=st.name, where=f"filters.steps[{i}]"
+                )
+                for i, st in enumerate(spec.filters.steps)
+            ],
+            spec.filters.combine,
+        )
+        filt.prepare()
+        check_pool(filt, urls[0], extra=needs)
+    else:
+        datacomp.check_shard_columns(urls[0], needs)
+    if spec.balance:
+        load_metadata(spec.metadata)
+
+    manifest: dict[str, Any] = {
+        "job": spec.to_dict(),
+        "versions": versions(),
+        "inputs": [{"url": s.input, "bytes": datacomp_size(s.input)} for s in shards],
+        "stages": {},
+        "flow": [],
+    }
+    stage_markers: list[dict[str, dict]] = []
+    up = fingerprint({"pool": _inputs_fingerprint([s.input for s in shards], out)})
+
+    def run_filters(
+        stage_shards: Sequence[Shard], pool_urls: dict[str, str] | None, upstream: str
+    ) -> str:
+        steps = [asdict(st) for st in spec.filters.steps]
+        assets: list[str] = []
+        for st in spec.filters.steps:
+            assets += [st.params[k] for k in ("centroids",) if k in st.params]
+            assets += st.params.get("target_embeddings", [])
+        fp = {
+            "stage": "filter",
+            "params": {"combine": spec.filters.combine, "steps": steps},
+            "assets": _inputs_fingerprint(assets),
+            "upstream": upstream,
+        }
+        fl = filter_stage(
+            filt,
+            stage_shards,
+            fsio.join(out, "filter"),
+            fp=fp,
+            pool_urls=pool_urls,
+            row_index=True,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        stage_markers.append(fl.pop("_markers"))
+        manifest["stages"]["filter"] = fl
+        manifest["flow"].append("filter")
+        return fingerprint({"filter": fl["counters"], "fit": fl["fit"], "up": upstream})
+
+    final = None
+    if filt is not None and spec.balance_when != "before":
+        up = run_filters(shards, None, up)
+        final = fsio.join(out, "filter")
+    if spec.balance:
+        kw = {"engine": spec.engine, "script_aware": spec.script_aware}
+        if final is None:
+            mt = _match_stage(
+                shards,
+                spec.metadata,
+                fsio.join(out, "match"),
+                pool_match_task,
+                **kw,
+                overwrite=overwrite,
+                progress=progress,
+                upstream=up,
+                extra={"row_index": POOL_ROW},
+            )
+        else:
+            mt = match(
+                final,
+                spec.metadata,
+                fsio.join(out, "match"),
+                **kw,
+                overwrite=overwrite,
+                progress=progress,
+                upstream=up,
+            )
+        up = _count_and_balance(
+            spec, out, mt, up, manifest, stage_markers, overwrite=overwrite, progress=progress
+        )
+        final = fsio.join(out, "balance")
+    if filt is not None and spec.balance_when == "before":
+        up = run_filters(parts_of(final), {s.name: s.input for s in shards}, up)
+        final = fsio.join(out, "filter")
+    assert final is not None  # parse_job: a pool job has filters, balance or both
+    uid_info = write_uid_file(out, final, parts_of(final))
+    manifest["quarantined"] = write_quarantine(out, stage_markers)
+    manifest["outputs"] = {"curated": final, **uid_info}
+    if spec.balance:
+        manifest["outputs"].update(
+            counts=fsio.join(out, "counts", "entry_counts.parquet"),
+            report=fsio.join(out, "report"),
+        )
+    fsio.atomic_write_json(fsio.join(out, "manifest.json"), manifest)
+    return manifest
+
+
+def run_summary(manifest: dict[str, Any], out: str) -> str:
+    """The lines `curation run` prints for a finished pool job."""
+    st = manifest["stages"]
+    first = st[manifest["flow"][0]]
+    parts = [f"pool {first['rows_read']:,}"]
+    for stage in manifest["flow"]:
+        if stage == "filter":
+            f = st["filter"]
+            steps = f" {f['combine']} ".join(x["name"] for x in f["steps"])
+            parts.append(f"filter ({steps}) {f['rows_written']:,}")
+        elif stage == "balance":
+            b = manifest["balance"]
+            parts.append(f"balance (t = {b['t']:,.0f}) {st['balance']['rows_written']:,}")
+    o = manifest["outputs"]
+    uids = o["uids"] or "not written (uids are not 32 hex digits; see the manifest)"
+    return (
+        f"{manifest['job']['name']}: " + " → ".join(parts) + f"\n  curated:  {o['curated']}/"
+        f"\n  uids:     {uids}\n  manifest: {out}/manifest.json"
+    )
+
+
 def status(out: str) -> dict[str, Any]:
     """What is done, pending and quarantined in a run folder (reads markers only)."""
     from fsspec.core import url_to_fs
@@ -571,6 +824,9 @@ def status(out: str) -> dict[str, Any]:
             entry["pending"] = max(0, expected - done)
         res["stages"][stage] = entry
         expected = done if stage != "input" else expected
+    if fsio.exists(fsio.join(out, "filter", "_stage.json")):  # pool jobs: before or after balance
+        pattern = url_to_fs(fsio.join(out, "filter", "_done", "*.json"))[1]
+        res["stages"]["filter"] = {"done": len(fs.glob(pattern))}
     q = fsio.join(out, "quarantine.jsonl")
     if fsio.exists(q):
         with fs.open(url_to_fs(q)[1], "rb") as f:

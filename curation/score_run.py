@@ -134,7 +134,10 @@ def finish_shard(shard: Shard, stage_dir: str, results: list[dict[str, Any]]) ->
             "text_embedding": _fixed_list(np.concatenate(txt).reshape(-1, d)),
         }
     )
-    fsio.atomic_write_parquet(part_url(stage_dir, shard.name), table)
+    # Dictionary-encoding float16 embeddings only slows reading them back (about 3x).
+    fsio.atomic_write_parquet(
+        part_url(stage_dir, shard.name), table, use_dictionary=list(OUTPUT_COLUMNS[:4])
+    )
     counts["rows_written"] = table.num_rows
     stats = {
         "shard": shard.name,

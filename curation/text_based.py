@@ -220,6 +220,10 @@ class TextBasedFilter(Filter):
         self._morphy: Morphy | None = None
         self._ids: set[int] | None = None
 
+    def __getstate__(self) -> dict:
+        # Tables stay in their process; a worker loads its own in setup().
+        return {**self.__dict__, "_words": None, "_morphy": None, "_ids": None}
+
     def setup(self) -> None:
         """Load the word table and the language-id model (once)."""
         self._word_set()

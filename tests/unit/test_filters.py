@@ -406,7 +406,7 @@ def test_missing_columns_and_bad_arguments_raise():
             cluster_centroids(), target_ids=np.array([0]), language=stub_language
         ).score(pool_table().drop_columns(["l14_img"]))
     with pytest.raises(ValueError, match="unknown DataComp baseline"):
-        filters.make_filter("text_based")
+        filters.make_filter("text_baseed")
 
 
 def test_pool_centroids_from_caption_filtered_shards_and_target_files(tmp_path):
@@ -437,3 +437,349 @@ def test_pool_centroids_from_caption_filtered_shards_and_target_files(tmp_path):
     )
     f.setup()
     assert f.target_ids.tolist() == [0, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Our scored output as input: embeddings in Parquet fixed-size-list columns, 24-hex uids
+
+
+def scored_table(n: int = 6, dim: int = 4, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
+    """A table in `curation score`'s output format (no .npz)."""
+    rng = np.random.default_rng(seed)
+    img = rng.standard_normal((n, dim)).astype(np.float16)
+    txt = rng.standard_normal((n, dim)).astype(np.float16)
+    table = pa.table(
+        {
+            "uid": [f"{i:024x}" for i in range(n)],
+            "key": [f"{i:09d}" for i in range(n)],
+            "url": [f"http://x/{i}.jpg" for i in range(n)],
+            "text": [ROWS[i % len(ROWS)][0] for i in range(n)],
+            "original_width": pa.array(np.full(n, 300), pa.int32()),
+            "original_height": pa.array(np.full(n, 300), pa.int32()),
+            "clip_score": pa.array(np.linspace(0.1, 0.35, n), pa.float32()),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(img.reshape(-1)), dim),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(txt.reshape(-1)), dim),
+        }
+    )
+    return table, img
+
+
+def test_read_shard_takes_embeddings_from_parquet_columns(tmp_path):
+    import pyarrow.parquet as pq
+
+    table, img = scored_table()
+    url = str(tmp_path / "part-00000.parquet")
+    pq.write_table(table, url)
+    got = datacomp.read_shard(url, columns=["uid"], embeddings=["image_embedding"])
+    assert got.column_names == ["uid", "image_embedding"]
+    assert got.schema.field("image_embedding").type == pa.list_(pa.float16(), 4)
+    assert np.array_equal(datacomp.embedding_matrix(got, "image_embedding", np.float16), img)
+    # all columns: the embedding is not duplicated
+    assert datacomp.read_shard(url, embeddings=["image_embedding"]).column_names == (
+        table.column_names
+    )
+    picked = datacomp.read_embeddings(url, ["image_embedding"], rows=np.array([4, 1]))
+    m = datacomp.embedding_matrix(pa.table(picked), "image_embedding", np.float16)
+    assert np.array_equal(m, img[[4, 1]])
+    with pytest.raises(ValueError, match=r"no column 'l14_img' and no .*00000\.npz"):
+        datacomp.read_shard(url, embeddings=["l14_img"])
+    with pytest.raises(ValueError, match="image_embedding"):  # names what the shard has
+        datacomp.check_shard_columns(url, ["uid"], ["l14_img"])
+    datacomp.check_shard_columns(url, ["uid", "clip_score"], ["image_embedding"])
+
+
+def test_npz_embeddings_gathered_by_row(tmp_path):
+    url = str(tmp_path / "s.parquet")
+    emb = pool_embeddings()
+    datacomp.write_shard(url, pool_table().drop_columns(["l14_img"]), {"l14_img": emb})
+    picked = datacomp.read_embeddings(url, ["l14_img"], rows=pa.array([12, 0, 5]))
+    m = datacomp.embedding_matrix(pa.table(picked), "l14_img", np.float16)
+    assert np.array_equal(m, emb[[12, 0, 5]])
+    with pytest.raises(ValueError, match="l14_txt"):
+        datacomp.check_shard_columns(url, ["uid"], ["l14_txt"])
+
+
+def test_embedding_matrix_list_columns_and_nulls():
+    lists = pa.table({"e": pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32()))})
+    assert datacomp.embedding_matrix(lists, "e").tolist() == [[1, 2], [3, 4]]
+    ragged = pa.table({"e": pa.array([[1.0, 2.0], [3.0]], pa.list_(pa.float32()))})
+    with pytest.raises(ValueError, match="different lengths"):
+        datacomp.embedding_matrix(ragged, "e")
+    nulls = pa.table({"e": pa.array([[1.0, 2.0], None], pa.list_(pa.float32(), 2))})
+    with pytest.raises(ValueError, match="null embedding.*row 1"):
+        datacomp.embedding_matrix(nulls, "e")
+
+
+def test_uid_file_problem_for_non_datacomp_uids():
+    ok = pa.array([uid_of(1), uid_of(2).upper()])
+    assert datacomp.uid_file_problem(ok) is None
+    ours = pa.chunked_array([[f"{i:024x}" for i in range(3)], [uid_of(3)]])
+    msg = datacomp.uid_file_problem(ours, where="runs/x/filter")
+    assert msg.startswith("3 of 4 uids in runs/x/filter are not 32 hex digits")
+    assert "'000000000000000000000000'" in msg and "not written" in msg
+    mask = datacomp.is_datacomp_uid(pa.array([uid_of(1), None, "g" * 32, uid_of(2) + "0"]))
+    assert mask.tolist() == [True, False, False, False]
+
+
+# --------------------------------------------------------------------------------------------
+# Score columns, composition, parameters
+
+
+def test_clip_score_on_a_named_column_and_fitted():
+    table, _ = scored_table(n=10)
+    f = filters.ClipScoreFilter(column="clip_score", fraction=0.3, threshold_mode="exact")
+    assert f.columns == ("clip_score",) and f.fit_columns == ("clip_score",)
+    f.fit([f.score_for_fit(table)])
+    # scores 0.1 .. 0.35 in 10 steps; exact top 3 -> threshold is the 3rd largest
+    want = float(np.linspace(0.1, 0.35, 10).astype(np.float32)[7])
+    assert f.threshold == pytest.approx(want)
+    assert kept_rows(f.keep(table)) == [7, 8, 9]
+    assert f.fitted() == {
+        "clip_score": {
+            "threshold": f.threshold,
+            "fraction": 0.3,
+            "threshold_mode": "exact",
+            "column": "clip_score",
+        }
+    }
+    assert f.fit_columns == () and f.score_for_fit(table) == {}  # nothing left to fit
+    l2b = filters.Laion2bFilter(language=stub_language, column="clip_score")
+    assert l2b.columns == ("text", "clip_score")
+
+
+def test_all_of_and_any_of_hand_checked():
+    from curation.filter_run import first_failure_counts, step_counts
+
+    basic = filters.BasicFilter(language=stub_language)  # keeps [0, 5, 9, 11]
+    clip = filters.ClipScoreFilter(arch="l14", threshold=0.33)  # keeps [0, 3, 6]
+    table = pool_table()
+    both = filters.AllOf([basic, clip])
+    either = filters.AnyOf([basic, clip])
+    assert both.name == "basic_filter+clip_score" and either.name == "basic_filter|clip_score"
+    assert (both.combine, either.combine) == ("and", "or")
+    sb, se = both.score(table), either.score(table)
+    assert kept_rows(both.keep(sb)) == [0]
+    assert kept_rows(either.keep(se)) == [0, 3, 5, 6, 9, 11]
+    assert list(either.conditions(se)) == ["any_step"]
+    assert first_failure_counts(either.conditions(se), len(ROWS)) == {"rows_dropped_any_step": 7}
+    assert [(n, kept_rows(m)) for n, m in either.steps(se)] == [
+        ("basic_filter", [0, 5, 9, 11]),
+        ("clip_score", [0, 3, 6]),
+    ]
+    # and: a row leaves at its first failing step; or: it is kept by its first passing step
+    assert step_counts(both, sb, len(ROWS)) == [
+        {"name": "basic_filter", "rows_in": 13, "rows_kept": 4, "rows_passed_alone": 4},
+        {"name": "clip_score", "rows_in": 4, "rows_kept": 1, "rows_passed_alone": 3},
+    ]
+    assert step_counts(either, se, len(ROWS)) == [
+        {"name": "basic_filter", "rows_in": 13, "rows_kept": 4, "rows_passed_alone": 4},
+        {"name": "clip_score", "rows_in": 9, "rows_kept": 2, "rows_passed_alone": 3},
+    ]
+    assert step_counts(basic, basic.score(table), len(ROWS)) == [
+        {"name": "basic_filter", "rows_in": 13, "rows_kept": 4, "rows_passed_alone": 4}
+    ]
+    assert filters.combine_filters([basic], "or") is basic
+    with pytest.raises(ValueError, match="distinct names"):
+        filters.AnyOf([clip, filters.ClipScoreFilter(arch="b32", threshold=0.2)])
+
+
+def test_combination_fits_each_step_on_the_whole_input():
+    # the top 30% of the whole input, not of the rows the first step kept (as DataComp does)
+    basic = filters.BasicFilter(language=stub_language)
+    clip = filters.ClipScoreFilter(arch="l14", fraction=0.3)
+    both = filters.AllOf([basic, clip])
+    assert both.needs_fit and both.fit_columns == ("clip_l14_similarity_score",)
+    table = pool_table()
+    fit_scores = both.score_for_fit(table)
+    assert list(fit_scores) == ["clip_score/clip_score"]  # basic is not scored for the fit
+    both.fit([fit_scores])
+    assert clip.threshold == 0.32 and not both.needs_fit
+    assert both.fitted()["clip_score"]["threshold"] == 0.32
+    assert kept_rows(both.keep(table)) == [0, 9]  # basic [0, 5, 9, 11] and l14 >= .32
+
+
+BAD_PARAMS = [
+    ("nope", {}, "unknown baseline 'nope'"),
+    ("basic_filter", {"fraction": 0.3}, "basic_filter does not take ['fraction']"),
+    ("no_filter", {"lid_model": "x"}, "takes: no parameters"),
+    ("clip_score", {}, "exactly one of 'threshold' or 'fraction'"),
+    ("clip_score", {"threshold": 0.2, "fraction": 0.3}, "exactly one"),
+    ("clip_score", {"fraction": 1.5}, "'fraction' must be in [0, 1]"),
+    ("clip_score", {"fraction": "0.3"}, "'fraction' must be a number"),
+    ("clip_score", {"threshold": True}, "'threshold' must be a number"),
+    ("clip_score", {"threshold": float("nan")}, "'threshold' must be a number"),
+    ("clip_score", {"fraction": 0.3, "arch": "h14"}, "'arch' must be one of"),
+    ("clip_score", {"fraction": 0.3, "arch": "l14", "score_column": "s"}, "not both"),
+    ("clip_score", {"threshold": 0.3, "threshold_mode": "exact"}, "applies to 'fraction'"),
+    ("clip_score", {"fraction": 0.3, "threshold_mode": "x"}, "'threshold_mode' must be"),
+    ("clip_score", {"fraction": 0.3, "score_column": ""}, "'score_column' must be a non-empty"),
+    ("image_based", {"target_embeddings": ["t.npy"]}, "needs 'centroids'"),
+    ("image_based", {"centroids": "c.npy"}, "needs 'target_embeddings'"),
+    ("image_based", {"centroids": "c.npy", "target_embeddings": []}, "'target_embeddings'"),
+    ("image_based", {"centroids": "c.npy", "target_embeddings": [3]}, "'target_embeddings'"),
+    ("image_based", {"centroids": 3, "target_embeddings": "t.npy"}, "'centroids'"),
+    (
+        "image_based",
+        {"centroids": "c", "target_embeddings": "t", "assign_rule": "cos"},
+        "'assign_rule' must be one of",
+    ),
+    ("laion2b", {"fraction": 0.3}, "laion2b does not take ['fraction']"),
+]
+
+
+@pytest.mark.parametrize(("baseline", "params", "message"), BAD_PARAMS)
+def test_validate_params_names_the_key(baseline, params, message):
+    with pytest.raises(ValueError) as info:
+        filters.validate_params(baseline, params, where="steps[2]")
+    assert str(info.value).startswith("steps[2]: ")
+    assert message in str(info.value)
+
+
+def test_filter_from_params_builds_each_baseline(tmp_path):
+    torch = pytest.importorskip("torch")
+    np.save(tmp_path / "c.npy", cluster_centroids())
+    torch.save(torch.eye(4, DIM)[[0, 2]], tmp_path / "t.pt")  # a DataComp-style torch asset
+    f = filters.filter_from_params(
+        "image_based",
+        {
+            "centroids": str(tmp_path / "c.npy"),
+            "target_embeddings": str(tmp_path / "t.pt"),
+            "embedding_key": "image_embedding",
+            "assign_rule": "l2",
+            "lid_model": "/models/lid.176.bin",
+        },
+        name="ib",
+    )
+    assert isinstance(f, filters.ImageBasedFilter) and f.name == "ib"
+    assert (f.key, f.rule, f.embedding_columns) == ("image_embedding", "l2", ("image_embedding",))
+    assert f.language.model_path == "/models/lid.176.bin"
+    f.prepare()  # targets -> centroid ids once, on the driver; the embeddings are dropped
+    assert f.target_ids.tolist() == [0, 2] and f._target_embeddings is None
+    clip = filters.filter_from_params("clip_score", {"score_column": "clip_score", "fraction": 0.3})
+    assert (clip.key, clip.fraction, clip.threshold_mode) == ("clip_score", 0.3, "datacomp")
+    b32 = filters.filter_from_params("clip_score", {"arch": "b32", "threshold": 0.25})
+    assert (b32.key, b32.threshold) == ("clip_b32_similarity_score", 0.25)
+    assert filters.filter_from_params("laion2b", {}).key == "clip_b32_similarity_score"
+    assert filters.filter_from_params("text_based", {}).name == "text_based"
+    both = filters.filter_from_params(
+        "image_based_intersect_clip_score",
+        {"centroids": str(tmp_path / "c.npy"), "target_embeddings": [str(tmp_path / "t.pt")]}
+        | {"fraction": 0.3},
+    )
+    assert isinstance(both, filters.AllOf) and both.name == "image_based_intersect_clip_score"
+    assert both.embedding_columns == ("l14_img",)
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        filters.filter_from_params(
+            "image_based",
+            {"centroids": str(tmp_path / "missing.npy"), "target_embeddings": "t.npy"},
+        )
+
+
+def test_language_id_and_prepared_filters_pickle_without_models():
+    import pickle
+
+    lid = filters.LanguageId()
+    lid.setup()
+    clone = pickle.loads(pickle.dumps(lid))
+    assert clone._model is None and lid._model is not None
+    assert clone(pa.array(["a small dog sleeping on the sofa"])).tolist() == ["en"]
+
+
+def test_cli_baselines_are_the_filters():
+    from curation import cli
+
+    assert cli.BASELINES == filters.BASELINES
+    assert set(filters.STEP_PARAMS) == set(filters.BASELINES)
+
+
+# --------------------------------------------------------------------------------------------
+# DataComp torch assets
+
+
+def test_convert_torch_assets(tmp_path):
+    torch = pytest.importorskip("torch")
+    x = torch.randn(5, DIM)
+    torch.save(x, tmp_path / "c.pt")
+    info = datacomp.convert_torch_asset(str(tmp_path / "c.pt"), str(tmp_path / "c.npy"))
+    assert info["shape"] == [5, DIM] and info["dtype"] == "float32"
+    assert np.array_equal(np.load(tmp_path / "c.npy"), x.numpy())
+    # float16 stays float16; --dtype float16 casts; a dict with one 2-D tensor is accepted
+    torch.save({"features": x.half(), "n": 5}, tmp_path / "f.pt")
+    datacomp.convert_torch_asset(str(tmp_path / "f.pt"), str(tmp_path / "f.npy"))
+    assert np.load(tmp_path / "f.npy").dtype == np.float16
+    datacomp.convert_torch_asset(str(tmp_path / "c.pt"), str(tmp_path / "h.npy"), "float16")
+    assert np.array_equal(np.load(tmp_path / "h.npy"), x.numpy().astype(np.float16))
+    assert np.array_equal(datacomp.load_embedding_file(str(tmp_path / "c.pt")), x.numpy())
+    torch.save(x.to(torch.bfloat16), tmp_path / "b.pt")
+    assert datacomp.load_torch_matrix(str(tmp_path / "b.pt")).dtype == np.float32
+    torch.save({"a": x, "b": x * 2}, tmp_path / "two.pt")
+    with pytest.raises(ValueError, match=r"2 2-D tensors \['a', 'b'\]"):
+        datacomp.load_torch_matrix(str(tmp_path / "two.pt"))
+    assert np.array_equal(datacomp.load_torch_matrix(str(tmp_path / "two.pt"), "b"), 2 * x)
+    torch.save(torch.zeros(3), tmp_path / "one_d.pt")
+    with pytest.raises(ValueError, match="2-D"):
+        datacomp.load_torch_matrix(str(tmp_path / "one_d.pt"))
+    torch.save(torch.zeros(3, 2, dtype=torch.int64), tmp_path / "ints.pt")
+    with pytest.raises(ValueError, match="float tensor"):
+        datacomp.load_torch_matrix(str(tmp_path / "ints.pt"))
+    with pytest.raises(ValueError, match=r"\.npy"):
+        datacomp.convert_torch_asset(str(tmp_path / "c.pt"), str(tmp_path / "c.npz"))
+
+
+class _Sneaky:
+    """Unpickling this would create a file: the loader must refuse it without running it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_torch_file_with_a_pickled_object_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    sentinel = tmp_path / "pwned"
+    torch.save({"centroids": torch.zeros(2, 2), "x": _Sneaky(str(sentinel))}, tmp_path / "bad.pt")
+    for load in (
+        lambda: datacomp.load_torch_matrix(str(tmp_path / "bad.pt")),
+        lambda: datacomp.convert_torch_asset(str(tmp_path / "bad.pt"), str(tmp_path / "o.npy")),
+        lambda: datacomp.load_embedding_file(str(tmp_path / "bad.pt")),
+    ):
+        with pytest.raises(ValueError, match="refused"):
+            load()
+    assert not sentinel.exists() and not (tmp_path / "o.npy").exists()
+    # a plain pickle (not a torch zip) is refused too, not unpickled
+    import pickle
+
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps(_Sneaky(str(sentinel))))
+    with pytest.raises(ValueError, match="refused"):
+        datacomp.load_torch_matrix(str(tmp_path / "plain.pt"))
+    assert not sentinel.exists()
+
+
+def test_cli_convert_assets_and_filter_usage_errors(tmp_path):
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from curation.cli import main
+
+    torch.save(torch.ones(3, 4), tmp_path / "c.pt")
+    runner = CliRunner()
+    res = runner.invoke(
+        main, ["filter", "convert-assets", str(tmp_path / "c.pt"), "-o", str(tmp_path / "c.npy")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "(3, 4) float32" in res.output and np.load(tmp_path / "c.npy").shape == (3, 4)
+    res = runner.invoke(main, ["filter", "--help"])
+    assert "convert-assets" in res.output and "apply" in res.output
+    # options a baseline does not take are refused before Ray starts (ray.init raises here)
+    res = runner.invoke(
+        main,
+        ["filter", str(tmp_path), "--baseline", "basic_filter", "--fraction", "0.3", "-o", "x"],
+    )
+    assert res.exit_code == 2 and "does not take [--fraction]" in res.output
+    res = runner.invoke(main, ["filter", str(tmp_path), "--baseline", "clip_score", "-o", "x"])
+    assert res.exit_code == 2 and "exactly one of --threshold or --fraction" in res.output

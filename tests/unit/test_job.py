@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curation.job import JobSpec, JobSpecError, SynthInput, load_job, parse_job
+from curation.job import (
+    FilterSpec,
+    FilterStep,
+    JobSpec,
+    JobSpecError,
+    SynthInput,
+    load_job,
+    parse_job,
+)
 
 JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml"))
 
@@ -47,11 +55,18 @@ def test_shipped_jobs_load(path):
     job = load_job(str(path))
     assert isinstance(job, JobSpec)
     assert job.name == path.stem
-    assert (job.t is None) != (job.tail_proportion is None)
-    assert bool(job.paths) != (job.synth is not None)
+    assert sum(map(bool, (job.paths, job.synth, job.pool))) == 1
+    if job.pool:
+        assert job.filters is not None or job.balance
+        assert path.read_text().startswith("# "), "a shipped job says what it reproduces"
+    else:
+        assert job.balance
+    assert (job.t is None or job.tail_proportion is None) and job.balance == (
+        job.metadata is not None
+    )
     raw = yaml.safe_load(path.read_text())
     assert job.seed == raw.get("seed", 0)
-    assert job.metadata == raw["metadata"]
+    assert job.metadata == raw.get("metadata")
 
 
 def test_shipped_job_values():
@@ -61,6 +76,24 @@ def test_shipped_job_values():
     demo = by_name["demo"]
     assert demo.synth == SynthInput(shards=4, pairs_per_shard=25000, seed=0, malformed_rate=0.005)
     assert demo.t == 20 and demo.paths == []
+    assert demo.filters is None and demo.pool == [] and demo.balance_when is None
+    # DataComp's best baseline: image_based AND top 30% by L/14 CLIP score, no balancing
+    best = by_name["datacomp_image_based_clip"]
+    assert not best.balance and best.metadata is None
+    assert best.filters.combine == "and"
+    assert [(s.baseline, s.name) for s in best.filters.steps] == [
+        ("image_based", "image_based"),
+        ("clip_score", "clip_score"),
+    ]
+    assert best.filters.steps[0].params["embedding_key"] == "l14_img"
+    assert best.filters.steps[1].params == {
+        "score_column": "clip_l14_similarity_score",
+        "fraction": 0.3,
+        "threshold_mode": "datacomp",
+    }
+    basic = by_name["datacomp_basic_then_metaclip"]
+    assert [s.baseline for s in basic.filters.steps] == ["basic_filter"]
+    assert basic.t == 20000 and basic.balance_when == "after"
 
 
 def test_parse_valid_spec_fields():
@@ -225,3 +258,135 @@ def test_non_finite_t_rejected(t):
     # t = .nan makes every p_e NaN, so balancing silently keeps nothing.
     with pytest.raises(JobSpecError, match="balance.t"):
         parse_job(spec(balance={"t": t}))
+
+
+# -- pool jobs: filters and balancing --------------------------------------------------------------
+POOL = {
+    "name": "pool",
+    "input": {"pool": "pool/metadata"},
+    "filters": {
+        "combine": "or",
+        "steps": [
+            {"baseline": "basic_filter"},
+            {"baseline": "clip_score", "score_column": "clip_score", "fraction": 0.3},
+            {"baseline": "clip_score", "name": "b32", "arch": "b32", "threshold": 0.28},
+        ],
+    },
+    "metadata": "metadata/metadata_en.json",
+    "balance": {"t": 20, "when": "before"},
+}
+
+
+def pool_spec(**changes) -> dict:
+    s = copy.deepcopy(POOL)
+    for k, v in changes.items():
+        if v is _DELETE:
+            s.pop(k, None)
+        else:
+            s[k] = v
+    return s
+
+
+def test_parse_pool_job_with_filters_and_balance():
+    job = parse_job(pool_spec())
+    assert job.pool == ["pool/metadata"] and job.paths == [] and job.synth is None
+    assert job.filters == FilterSpec(
+        combine="or",
+        steps=[
+            FilterStep("basic_filter", "basic_filter", {}),
+            FilterStep("clip_score", "clip_score", {"score_column": "clip_score", "fraction": 0.3}),
+            FilterStep("clip_score", "b32", {"arch": "b32", "threshold": 0.28}),
+        ],
+    )
+    assert job.balance and job.t == 20 and job.balance_when == "before"
+    assert job.to_dict()["filters"]["steps"][2]["name"] == "b32"
+
+
+def test_parse_pool_job_filters_only_and_balance_only():
+    only = parse_job(
+        pool_spec(
+            metadata=_DELETE,
+            balance=_DELETE,
+            filters={"steps": [{"baseline": "no_filter"}]},
+        )
+    )
+    assert only.filters.combine == "and"  # the default
+    assert not only.balance and only.metadata is None and only.balance_when is None
+    bal = parse_job(pool_spec(filters=_DELETE, balance={"t": 5}))
+    assert bal.filters is None and bal.t == 5 and bal.balance_when is None
+
+
+POOL_BAD = {
+    "filters_without_pool": (
+        spec(filters={"steps": [{"baseline": "basic_filter"}]}),
+        "input.pool",
+    ),
+    "pool_and_paths": (pool_spec(input={"pool": "p", "paths": ["a"]}), "'pool'"),
+    "pool_not_paths": (pool_spec(input={"pool": [3]}), "input.pool"),
+    "pool_with_ingest": (pool_spec(ingest={"max_text_chars": 5}), "'ingest'"),
+    "pool_nothing_to_do": (pool_spec(filters=_DELETE, balance=_DELETE), "'filters', 'balance'"),
+    "metadata_without_balance": (pool_spec(balance=_DELETE), "'metadata'"),
+    "balance_without_metadata": (pool_spec(metadata=_DELETE), "'metadata'"),
+    "match_without_balance": (
+        pool_spec(balance=_DELETE, metadata=_DELETE, match={"engine": "auto"}),
+        "'match'",
+    ),
+    "when_missing": (pool_spec(balance={"t": 20}), "balance.when"),
+    "when_bad": (pool_spec(balance={"t": 20, "when": "during"}), "balance.when"),
+    "when_without_filters": (pool_spec(filters=_DELETE), "balance.when"),
+    "when_on_wat_job": (spec(balance={"t": 20, "when": "after"}), "balance.when"),
+    "filters_is_list": (pool_spec(filters=[{"baseline": "basic_filter"}]), "'steps'"),
+    "filters_unknown_key": (pool_spec(filters={"steps": [], "mode": "and"}), "mode"),
+    "combine_bad": (
+        pool_spec(filters={"combine": "xor", "steps": [{"baseline": "no_filter"}]}),
+        "filters.combine",
+    ),
+    "steps_empty": (pool_spec(filters={"steps": []}), "filters.steps"),
+    "steps_missing": (pool_spec(filters={"combine": "and"}), "filters.steps"),
+    "step_not_mapping": (pool_spec(filters={"steps": ["basic_filter"]}), "filters.steps[0]"),
+    "step_without_baseline": (
+        pool_spec(filters={"steps": [{"fraction": 0.3}]}),
+        "filters.steps[0]",
+    ),
+    "unknown_baseline": (
+        pool_spec(filters={"steps": [{"baseline": "no_filter"}, {"baseline": "clip"}]}),
+        "filters.steps[1]: unknown baseline 'clip'",
+    ),
+    "param_of_other_baseline": (
+        pool_spec(filters={"steps": [{"baseline": "basic_filter", "fraction": 0.3}]}),
+        "filters.steps[0]: basic_filter does not take ['fraction']",
+    ),
+    "clip_needs_one_rule": (
+        pool_spec(filters={"steps": [{"baseline": "clip_score"}]}),
+        "'threshold' or 'fraction'",
+    ),
+    "image_based_needs_files": (
+        pool_spec(filters={"steps": [{"baseline": "image_based", "centroids": "c.npy"}]}),
+        "'target_embeddings'",
+    ),
+    "duplicate_step_names": (
+        pool_spec(
+            filters={
+                "steps": [
+                    {"baseline": "clip_score", "threshold": 0.2},
+                    {"baseline": "clip_score", "fraction": 0.3},
+                ]
+            }
+        ),
+        "filters.steps[1]: a step is already named 'clip_score'",
+    ),
+    "step_name_with_slash": (
+        pool_spec(filters={"steps": [{"baseline": "no_filter", "name": "a/b"}]}),
+        "filters.steps[0].name",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOL_BAD))
+def test_bad_pool_spec_names_the_key(case):
+    bad, key = POOL_BAD[case]
+    with pytest.raises(JobSpecError) as info:
+        parse_job(bad, where="my.yaml")
+    msg = str(info.value)
+    assert key in msg, msg
+    assert msg.startswith("my.yaml"), msg

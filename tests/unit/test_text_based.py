@@ -183,3 +183,31 @@ def test_rebuild_is_deterministic_and_matches_shipped(tmp_path):
         built = gzip.decompress((tmp_path / name).read_bytes())
         assert built == gzip.decompress((DATA_DIR / name).read_bytes()), name
         assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
+
+
+def test_imagenet21k_ids_equal_timms_package_data():
+    """The shipped id list is timm's `imagenet21k_goog_synsets.txt` (the task's source), line
+    for line; DataComp's file is the same list (sha256 above)."""
+    timm = pytest.importorskip("timm")
+    timm_file = Path(timm.__file__).parent / "data" / "_info" / "imagenet21k_goog_synsets.txt"
+    if not timm_file.exists():
+        pytest.skip(f"this timm ({timm.__version__}) has no {timm_file.name}")
+    ours = (DATA_DIR / "imagenet21k_wordnet_ids.txt").read_text().split()
+    theirs = timm_file.read_text().split()
+    assert ours == theirs
+    assert load_imagenet21k_ids() == {int(x[1:]) for x in theirs}
+
+
+def test_make_filter_text_based_and_pickling(filt):
+    import pickle
+
+    from curation.filters import filter_from_params, make_filter
+
+    f = make_filter("text_based", language=fake_language)
+    assert isinstance(f, TextBasedFilter) and f.columns == ("text",)
+    assert f.keep(pa.table({"text": ["a dog", "a red sunset"]})).tolist() == [True, False]
+    clone = pickle.loads(pickle.dumps(f))  # a worker reloads the tables in setup()
+    assert clone._words is None and clone._morphy is None
+    assert clone.keep(pa.table({"text": ["two cars", "ein hund"]})).tolist() == [True, False]
+    g = filter_from_params("text_based", {"lid_model": "/m/lid.176.bin"}, name="tb")
+    assert g.name == "tb" and g.language.model_path == "/m/lid.176.bin"
