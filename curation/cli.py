@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from curation import __version__
+from curation.filters import BASELINES
 
 ADDRESS = click.option(
     "--address",
@@ -553,17 +554,6 @@ def images_fetch(
         f"fetch: {s['rows_read']:,} rows → {s['rows_written']:,} images in {s['shards']} "
         f"shards, failed {s['rows_dropped']} → {out_dir}"
     )
-
-
-BASELINES = (
-    "no_filter",
-    "basic_filter",
-    "text_based",
-    "clip_score",
-    "laion2b",
-    "image_based",
-    "image_based_intersect_clip_score",
-)
 
 
 class _DefaultGroup(click.Group):

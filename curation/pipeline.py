@@ -478,12 +478,11 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
     `input.pool` runs `run_pool_job` instead.
     """
     from curation.metadata import load_metadata
-    from curation.report import write_report
 
     if spec.pool:
         return run_pool_job(spec, out, overwrite=overwrite, progress=progress)
 
-    md = load_metadata(spec.metadata)  # fail before any work if the metadata is bad
+    load_metadata(spec.metadata)  # fail before any work if the metadata is bad
     inputs = list(spec.paths)
     manifest: dict[str, Any] = {"job": spec.to_dict(), "versions": versions(), "stages": {}}
     stage_markers: list[dict[str, dict]] = []
@@ -544,43 +543,10 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
         progress=progress,
         upstream=up,
     )
-    stage_markers.append(mt.pop("_markers"))
-    manifest["metadata"] = mt.pop("metadata")
-    manifest["stages"]["match"] = mt
-
-    before, entries = count(fsio.join(out, "match"), spec.metadata)
-    write_counts(before, entries, fsio.join(out, "counts", "entry_counts.parquet"))
-    t, p = resolve_t(before, spec.t, spec.tail_proportion)
-    manifest["balance"] = {
-        "t": t,
-        "tail_proportion": p,
-        "seed": spec.seed,
-        "t_given": spec.t is not None,
-    }
-    manifest["stages"]["count"] = {
-        "entries": len(md),
-        "matches": int(before.sum()),
-        "entries_matched": int((before > 0).sum()),
-    }
-
-    up = fingerprint({"match": mt["counters"], "up": up})
-    bl = balance(
-        fsio.join(out, "match"),
-        before,
-        fsio.join(out, "balance"),
-        t=t,
-        seed=spec.seed,
-        overwrite=overwrite,
-        progress=progress,
-        upstream=up,
+    manifest["flow"] = ["ingest"]
+    _count_and_balance(
+        spec, out, mt, up, manifest, stage_markers, overwrite=overwrite, progress=progress
     )
-    stage_markers.append(bl.pop("_markers"))
-    manifest["stages"]["balance"] = bl
-
-    after, _ = count(fsio.join(out, "balance"), spec.metadata)
-    write_counts(after, entries, fsio.join(out, "counts", "entry_counts_balanced.parquet"))
-    report = write_report(out, before, after, entries, t, p)
-    manifest["report"] = {"head_tail_before": report["before"], "head_tail_after": report["after"]}
     manifest["quarantined"] = write_quarantine(out, stage_markers)
     manifest["outputs"] = {
         "curated": fsio.join(out, "balance"),
@@ -603,7 +569,7 @@ def _count_and_balance(
     overwrite: bool,
     progress: bool,
 ) -> str:
-    """count → balance → report of a pool job after its match stage; the next upstream."""
+    """count → balance → report after a match stage (both job kinds); the next upstream."""
     from curation.report import write_report
 
     stage_markers.append(mt.pop("_markers"))

@@ -124,6 +124,22 @@ def _remove_stale_temps(fs: Any, path: str) -> None:
             fs.rm(p)
 
 
+def _done_and_todo(
+    stage_dir: str, shards: Sequence[Shard], fp: dict[str, Any], overwrite: bool
+) -> tuple[dict[str, dict[str, Any]], list[Shard]]:
+    """Prepare the stage folder; split shards into done (their markers) and still to do."""
+    prepare_stage_dir(stage_dir, fp, overwrite)
+    done: dict[str, dict[str, Any]] = {}
+    todo: list[Shard] = []
+    for s in shards:
+        m = read_marker(stage_dir, s.name)
+        if m is None:
+            todo.append(s)
+        else:
+            done[s.name] = m
+    return done, todo
+
+
 def read_marker(stage_dir: str, shard: str) -> dict[str, Any] | None:
     url = marker_url(stage_dir, shard)
     return fsio.read_json(url) if fsio.exists(url) else None
@@ -150,15 +166,7 @@ def run_stage(
     """
     import ray
 
-    prepare_stage_dir(stage_dir, fp, overwrite)
-    done: dict[str, dict[str, Any]] = {}
-    todo: list[Shard] = []
-    for s in shards:
-        m = read_marker(stage_dir, s.name)
-        if m is None:
-            todo.append(s)
-        else:
-            done[s.name] = m
+    done, todo = _done_and_todo(stage_dir, shards, fp, overwrite)
     remote = ray.remote(num_cpus=num_cpus, max_retries=3)(task)
     cpus = int(ray.available_resources().get("CPU", 1)) or 1
     limit = max_in_flight or max(2, 2 * cpus)
@@ -239,15 +247,7 @@ def run_actor_stage(
     """
     import ray
 
-    prepare_stage_dir(stage_dir, fp, overwrite)
-    done: dict[str, dict[str, Any]] = {}
-    todo: list[Shard] = []
-    for s in shards:
-        m = read_marker(stage_dir, s.name)
-        if m is None:
-            todo.append(s)
-        else:
-            done[s.name] = m
+    done, todo = _done_and_todo(stage_dir, shards, fp, overwrite)
     if not todo:
         return {s.name: done[s.name] for s in shards}
     actor = ray.remote(max_restarts=1, max_task_retries=3)(actor_cls)

@@ -64,7 +64,7 @@ __all__ = [
     "TEXTURES",
     "WORDS",
     "ImagePoolSummary",
-    "ImageShard",
+    "SynthImageShard",
     "ImageShardTruth",
     "generate_image_shard",
     "image_shard_name",
@@ -140,7 +140,7 @@ class ImageShardTruth:
 
 
 @dataclass
-class ImageShard:
+class SynthImageShard:
     """One generated shard: the tar bytes, its per-sample table and its truth."""
 
     tar: bytes
@@ -516,7 +516,7 @@ def generate_image_shard(
     mismatch_rate: float = 0.2,
     fault_rate: float = 0.0,
     image_format: str = "jpg",
-) -> ImageShard:
+) -> SynthImageShard:
     """Generate image shard `index` of a pool with `seed`: `n` samples, tar bytes and table.
 
     Depends only on the arguments. Scene parameters are drawn per shard as arrays; only the
@@ -670,7 +670,7 @@ def generate_image_shard(
         schema=SCHEMA,
     )
     fault_counts = {k: int(np.sum(fault_of == j)) for j, k in enumerate(FAULT_KINDS)}
-    return ImageShard(_tar(members), table, ImageShardTruth(n, n_mis, fault_counts))
+    return SynthImageShard(_tar(members), table, ImageShardTruth(n, n_mis, fault_counts))
 
 
 def write_synthetic_image_pool(
