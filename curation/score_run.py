@@ -213,7 +213,7 @@ def score_shards(
     dev, n_actors, options, decoders = _pool_shape(device, num_actors, cpus_per_actor)
     scorer = copy.copy(scorer)
     scorer.device_request = dev
-    scorer.num_threads = max(1, int(options["num_cpus"])) if dev == "cpu" else None
+    scorer.num_threads = max(1, int(options["num_cpus"]))  # leave the other cores to decoding
     pp = scorer.expected_preprocess()  # each actor checks its model agrees
     transform = PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
     params = {

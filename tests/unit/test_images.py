@@ -279,3 +279,18 @@ def test_complete_tar_padded_to_a_record_is_not_corrupt(tmp_path):
     url = write_tar(tmp_path / "a.tar", [sample("k0"), sample("k1")], gz=True)
     shard = read_tar(url)
     assert shard.table.num_rows == 2 and not shard.quarantine
+
+
+def test_max_pixels_above_pillows_warning_level_is_honoured():
+    """Pillow warns at ~89M pixels; a higher --max-pixels must not be capped by that warning."""
+    from PIL import Image as PILImage
+
+    tr = PixelTransform(16, "bicubic", "shortest")
+    w = h = 10_000  # 100M pixels: over Pillow's warning level, under its hard limit
+    assert PILImage.MAX_IMAGE_PIXELS < w * h < 2 * PILImage.MAX_IMAGE_PIXELS
+    blob = png_bomb(w, h)
+    _, ok, failures, _ = decode_images([blob], tr, ImageLimits(max_pixels=50_000_000))
+    assert not ok[0] and failures[0][0] == "image_too_large" and "max_pixels" in failures[0][1]
+    # Allowed: it goes to the decoder (no image_too_large).
+    _, ok, failures, _ = decode_images([blob], tr, ImageLimits(max_pixels=200_000_000))
+    assert ok[0] or failures[0][0] == "decode_error", failures
