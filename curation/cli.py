@@ -785,6 +785,18 @@ def convert_assets(in_path: str, out_path: str, dtype: str | None, key: str | No
     show_default=True,
     help="Images declaring more pixels are refused before decoding.",
 )
+@click.option(
+    "--max-shard-bytes",
+    type=click.IntRange(min=1),
+    default=4 << 30,
+    show_default=True,
+    help="A shard larger than this uncompressed is quarantined (bounds memory per worker).",
+)
+@click.option(
+    "--image-column",
+    default=None,
+    help="Parquet image tables: the image-bytes column (default: jpg, png, webp, image, ...).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds random weights.")
 @ADDRESS
 @NUM_CPUS
@@ -803,6 +815,8 @@ def score(
     num_actors: int | None,
     cpus_per_actor: int | None,
     max_pixels: int,
+    max_shard_bytes: int,
+    image_column: str | None,
     seed: int,
     address: str | None,
     num_cpus: int | None,
@@ -833,7 +847,7 @@ def score(
         batch_size=batch_size,
         seed=seed,
     )
-    limits = ImageLimits(max_pixels=max_pixels)
+    limits = ImageLimits(max_pixels=max_pixels, max_shard_bytes=max_shard_bytes)
     _ray(address, num_cpus)
     s = score_shards(
         list(shards),
@@ -844,6 +858,7 @@ def score(
         device=device,
         num_actors=num_actors,
         cpus_per_actor=cpus_per_actor,
+        image_column=image_column,
         overwrite=overwrite,
         progress=not quiet,
     )

@@ -20,10 +20,12 @@ the shard, key and reason, so `rows_read = rows_written + Σ rows_dropped` holds
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ __all__ = [
     "ImageLimits",
     "ImageShard",
     "PixelTransform",
+    "check_image_shards",
     "decode_images",
     "list_image_shards",
     "read_image_shard",
@@ -64,12 +67,13 @@ class ImageLimits:
 
     max_member_bytes: int = 32 << 20
     max_pixels: int = 50_000_000
+    max_shard_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
-        if self.max_member_bytes < 1 or self.max_pixels < 1:
+        if min(self.max_member_bytes, self.max_pixels, self.max_shard_bytes) < 1:
             raise ValueError(
                 f"image limits must be positive (max_member_bytes={self.max_member_bytes}, "
-                f"max_pixels={self.max_pixels})"
+                f"max_pixels={self.max_pixels}, max_shard_bytes={self.max_shard_bytes})"
             )
 
 
@@ -108,14 +112,39 @@ def list_image_shards(inputs: Sequence[str]) -> list[str]:
     return out
 
 
-def read_image_shard(url: str, limits: ImageLimits | None = None) -> ImageShard:
+def read_image_shard(
+    url: str, limits: ImageLimits | None = None, image_column: str | None = None
+) -> ImageShard:
     """Read a tar or Parquet image shard (by suffix) into an `ImageShard`."""
     limits = limits or ImageLimits()
     if url.endswith(".tar"):
         return read_tar(url, limits)
     if url.endswith(".parquet"):
-        return read_parquet_images(url, limits)
+        return read_parquet_images(url, limits, image_column)
     raise ValueError(f"{url}: an image shard is a .tar (webdataset) or a .parquet image table")
+
+
+def check_image_shards(urls: Sequence[str], image_column: str | None = None) -> None:
+    """Fail before any work when a Parquet image table has no usable image column.
+
+    Reads only the Parquet footers. A file that is not Parquet at all is left to the reader,
+    which quarantines it as `corrupt_shard`.
+    """
+    for url in urls:
+        if not url.endswith(".parquet"):
+            continue
+        fs, path = url_to_fs(url)
+        try:
+            with fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+        except pa.ArrowInvalid:
+            continue
+        name = _image_column(schema, url, image_column)
+        typ = schema.field(name).type
+        if pa.types.is_struct(typ):
+            typ = typ.field("bytes").type if typ.get_field_index("bytes") >= 0 else typ
+        if not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
+            raise ValueError(f"{url}: image column {name!r} is {typ}, not binary")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,19 +160,27 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+class _ShardTooLarge(Exception):
+    pass
+
+
 class _Tail:
-    """A read-only stream that remembers its last bytes, to check how a tar ended."""
+    """A read-only tar stream that remembers its last bytes (to check how the tar ended) and
+    stops at `limit` uncompressed bytes (a gzip tar could otherwise inflate without bound)."""
 
     KEEP = 1 << 16
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, limit: int) -> None:
         self.raw = raw
+        self.limit = limit
         self.pos = 0
         self.buf = bytearray()
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
+        data = self.raw.read(n if n is not None and n >= 0 else 1 << 20)
         self.pos += len(data)
+        if self.pos > self.limit:
+            raise _ShardTooLarge(f"over max_shard_bytes {self.limit:,} uncompressed")
         self.buf += data
         if len(self.buf) > 2 * self.KEEP:
             del self.buf[: len(self.buf) - self.KEEP]
@@ -160,13 +197,13 @@ class _Tail:
         return bytes(self.buf[start : start + 512])
 
 
-def _open_tar_stream(f: Any) -> _Tail:
+def _open_tar_stream(f: Any, limit: int) -> _Tail:
     """The uncompressed tar stream of `f` (gzip is detected by its magic bytes)."""
     import gzip
 
     head = f.read(2)
     f.seek(0)
-    return _Tail(gzip.GzipFile(fileobj=f, mode="rb") if head == b"\x1f\x8b" else f)
+    return _Tail(gzip.GzipFile(fileobj=f, mode="rb") if head == b"\x1f\x8b" else f, limit)
 
 
 def _tar_samples(
@@ -180,7 +217,7 @@ def _tar_samples(
     """
     key: str | None = None
     parts: dict[str, bytes] = {}
-    stream = _open_tar_stream(f)
+    stream = _open_tar_stream(f, limits.max_shard_bytes)
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if not member.isreg():
@@ -264,11 +301,17 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
     )
 
 
+#: What a damaged tar raises (quarantined); any other OSError (a network read failing, a file
+#: vanishing) propagates so that the task is retried and the shard is never marked done.
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
 def read_tar(url: str, limits: ImageLimits | None = None) -> ImageShard:
     """Read a webdataset tar (plain or gzip) into memory, member by member, never to disk.
 
-    A tar that cannot be read to its end is quarantined as `corrupt_shard` (the samples read
-    before the damage are kept and counted; the rest of the shard is unknown and said so).
+    A tar that cannot be read to its end is quarantined as `corrupt_shard`, one holding more
+    than `max_shard_bytes` uncompressed as `shard_too_large` (the samples read before are kept
+    and counted; the rest of the shard is unknown and said so).
     """
     limits = limits or ImageLimits()
     shard = ImageShard(table=_table([]))
@@ -281,14 +324,13 @@ def read_tar(url: str, limits: ImageLimits | None = None) -> ImageShard:
                 row = _sample_row(key, parts, url, shard)
                 if row is not None:
                     rows.append(row)
-    except FileNotFoundError:
-        shard.quarantine.append({"shard": url, "reason": "missing_file"})
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        shard.counts["shards_corrupt"] += 1
+    except (*_CORRUPT, _ShardTooLarge) as exc:
+        reason = "shard_too_large" if isinstance(exc, _ShardTooLarge) else "corrupt_shard"
+        shard.counts[f"shards_{reason}"] += 1
         shard.quarantine.append(
             {
                 "shard": url,
-                "reason": "corrupt_shard",
+                "reason": reason,
                 "detail": f"{type(exc).__name__}: {exc}"[:300],
                 "samples_before_error": shard.counts["rows_read"],
             }
@@ -311,7 +353,7 @@ def _image_column(table_schema: pa.Schema, url: str, name: str | None) -> str:
             return c
     raise ValueError(
         f"{url}: no image-bytes column; expected one of {PARQUET_IMAGE_COLUMNS} "
-        f"(has {table_schema.names}); name it with image_column="
+        f"(has {table_schema.names}); name it with --image-column"
     )
 
 
@@ -327,8 +369,14 @@ def read_parquet_images(
 
     limits = limits or ImageLimits()
     fs, path = url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except pa.ArrowInvalid as exc:  # not Parquet / damaged; I/O errors propagate (retried)
+        shard = ImageShard(table=_table([]))
+        shard.counts["shards_corrupt_shard"] += 1
+        shard.quarantine.append({"shard": url, "reason": "corrupt_shard", "detail": str(exc)[:300]})
+        return shard
     col_name = _image_column(table.schema, url, image_column)
     img = table.column(col_name)
     if pa.types.is_struct(img.type):

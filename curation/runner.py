@@ -102,7 +102,7 @@ def prepare_stage_dir(stage_dir: str, fp: dict[str, Any], overwrite: bool) -> No
             old = fsio.read_json(stage_file)
             if old != fp:
                 if not overwrite:
-                    changed = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+                    changed = _changed_keys(old, fp)
                     raise ResumeError(
                         f"{stage_dir} holds results of a different job (changed: "
                         f"{', '.join(changed)}). Rerun with --overwrite to replace them, or "
@@ -116,6 +116,20 @@ def prepare_stage_dir(stage_dir: str, fp: dict[str, Any], overwrite: bool) -> No
     if not fs.exists(url_to_fs(stage_file)[1]):
         fsio.atomic_write_json(stage_file, fp)
     _remove_stale_temps(fs, path)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ, one level into nested mappings (`params.t`)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            out += _changed_keys(a, b, f"{k}.")
+        else:
+            out.append(prefix + k)
+    return out
 
 
 def _remove_stale_temps(fs: Any, path: str) -> None:
@@ -198,6 +212,23 @@ def run_stage(
     return {s.name: done[s.name] for s in shards}
 
 
+def _start_actors(actors: list[Any], options: dict[str, Any], timeout: float) -> None:
+    """Wait until every actor is placed and set up; raise a ValueError saying why not."""
+    import ray
+
+    refs = [a.setup.remote() if hasattr(a, "setup") else a.__ray_ready__.remote() for a in actors]
+    ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if waiting:
+        raise ValueError(
+            f"{len(waiting)} of {len(actors)} actor(s) with {options} could not start within "
+            f"{timeout:.0f} s; the cluster has {ray.cluster_resources()} "
+            f"({ray.available_resources()} free)"
+        )
+    for err in ray.get(ready):
+        if isinstance(err, str):
+            raise ValueError(err)
+
+
 def _is_large(obj: Any) -> bool:
     try:
         import numpy as np
@@ -232,6 +263,7 @@ def run_actor_stage(
     split_cpus: float = 1,
     shards_in_flight: int | None = None,
     actor_queue: int = 2,
+    start_timeout: float = 600,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Map a stage over shards with CPU producer tasks feeding a pool of (GPU) actors.
@@ -244,6 +276,10 @@ def run_actor_stage(
     generators pause when the actors are full (bounded memory). When a shard's chunks are all
     processed, `finish(shard, stage_dir, results_in_chunk_order)` runs in the driver and writes
     the part and the marker. Output depends only on the chunks, never on which actor ran them.
+
+    Before any chunk is sent, every actor must be placed and its `setup()` (if it has one:
+    it returns None, or an error message) must succeed within `start_timeout` seconds; else a
+    ValueError says why (e.g. a checkpoint that does not fit, or resources the cluster lacks).
     """
     import ray
 
@@ -252,7 +288,14 @@ def run_actor_stage(
         return {s.name: done[s.name] for s in shards}
     actor = ray.remote(max_restarts=1, max_task_retries=3)(actor_cls)
     actors = [actor.options(**actor_options).remote(*actor_args) for _ in range(num_actors)]
-    producer = ray.remote(num_cpus=split_cpus, max_retries=3)(split)
+    try:
+        _start_actors(actors, actor_options, start_timeout)
+    except BaseException:
+        for a in actors:
+            ray.kill(a)
+        raise
+    # I/O errors (a storage read failing) are retried: the shard is redone, never half-marked.
+    producer = ray.remote(num_cpus=split_cpus, max_retries=3, retry_exceptions=[OSError])(split)
     limit = shards_in_flight or max(2, num_actors + 1)
     bar = _progress(name, len(shards), len(done), enabled=progress)
     queue = list(todo)

@@ -35,6 +35,7 @@ __all__ = [
     "CONFIG_DIR",
     "TINY_MODEL",
     "ClipScorer",
+    "cached_pretrained_file",
     "ScoreResult",
     "load_state_dict",
     "register_model_configs",
@@ -150,6 +151,16 @@ class ClipScorer:
                 "(`python -c 'import open_clip; print(open_clip.list_models())'` lists them)"
             )
         self.model_name = model
+        self.weights_path = checkpoint
+        self.pretrained_cfg: dict[str, Any] = {}
+        if pretrained:
+            self.pretrained_cfg = dict(open_clip.get_pretrained_cfg(model, pretrained) or {})
+            if not self.pretrained_cfg:
+                raise ValueError(
+                    f"{model} has no pretrained tag {pretrained!r}; it has "
+                    f"{open_clip.list_pretrained_tags_by_model(model)}"
+                )
+            self.weights_path = cached_pretrained_file(self.pretrained_cfg, model, pretrained)
         self.embed_dim = int((open_clip.get_model_config(model) or {}).get("embed_dim", 0))
         self.checkpoint = checkpoint
         self.pretrained = pretrained
@@ -174,41 +185,37 @@ class ClipScorer:
             torch.set_num_threads(int(self.num_threads))
         self.device = resolve_device(self.device_request)
         torch.manual_seed(self.seed)  # random-weight models are identical on every worker
-        kwargs: dict[str, Any] = {"device": "cpu"}
-        if self.pretrained:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        pc = self.pretrained_cfg
+        kwargs: dict[str, Any] = {
+            "device": "cpu",
+            "force_quick_gelu": bool(pc.get("quick_gelu", False)),
+            "image_mean": pc.get("mean"),
+            "image_std": pc.get("std"),
+            "image_interpolation": pc.get("interpolation"),
+            "image_resize_mode": pc.get("resize_mode"),
+        }
+        with warnings.catch_warnings(), _quiet_open_clip():
+            model, _, _ = open_clip.create_model_and_transforms(self.model_name, **kwargs)
+        if self.weights_path:
+            sd = load_state_dict(self.weights_path)
             try:
-                model, _, _ = open_clip.create_model_and_transforms(
-                    self.model_name, pretrained=self.pretrained, **kwargs
-                )
-            except Exception as exc:
-                raise RuntimeError(
-                    f"open_clip weights {self.model_name}/{self.pretrained} are not in the local "
-                    f"cache and cannot be downloaded here ({exc}); pass --checkpoint PATH"
+                missing, unexpected = model.load_state_dict(sd, strict=False)
+            except RuntimeError as exc:  # shape mismatches
+                raise ValueError(
+                    f"weights {self.weights_path!r} do not fit {self.model_name}: {exc}"
                 ) from exc
-        else:
-            with warnings.catch_warnings(), _quiet_open_clip():
-                model, _, _ = open_clip.create_model_and_transforms(self.model_name, **kwargs)
-            if self.checkpoint:
-                sd = load_state_dict(self.checkpoint)
-                try:
-                    missing, unexpected = model.load_state_dict(sd, strict=False)
-                except RuntimeError as exc:  # shape mismatches
-                    raise ValueError(
-                        f"checkpoint {self.checkpoint!r} does not fit {self.model_name}: {exc}"
-                    ) from exc
-                missing = [k for k in missing if not k.endswith("attn_mask")]
-                if missing or unexpected:
-                    raise ValueError(
-                        f"checkpoint {self.checkpoint!r} does not fit {self.model_name}: "
-                        f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
-                    )
-            else:
-                warnings.warn(
-                    f"{self.model_name}: no --checkpoint or --pretrained; random weights "
-                    f"(seed {self.seed}) — scores test the plumbing only",
-                    stacklevel=2,
+            missing = [k for k in missing if not k.endswith("attn_mask")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"weights {self.weights_path!r} do not fit {self.model_name}: "
+                    f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
                 )
+        else:
+            warnings.warn(
+                f"{self.model_name}: no --checkpoint or --pretrained; random weights "
+                f"(seed {self.seed}) — scores test the plumbing only",
+                stacklevel=2,
+            )
         model.eval().to(self.device)
         self._model = model
         self._tokenizer = open_clip.get_tokenizer(self.model_name)
@@ -260,12 +267,27 @@ class ClipScorer:
         pp = self.expected_preprocess()
         return PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
 
+    def checkpoint_digest(self) -> str | None:
+        """sha256 of the weights file (for resume fingerprints), None for random weights."""
+        if not self.weights_path:
+            return None
+        if getattr(self, "_digest", None) is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            with open(self.weights_path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            self._digest = "sha256:" + h.hexdigest()
+        return self._digest
+
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the model."""
         return {
             "model": self.model_name,
             "checkpoint": self.checkpoint,
             "pretrained": self.pretrained,
+            "weights": self.weights_path,
             "random_weights": self.random_weights,
             "seed": self.seed,
             "batch_size": self.batch_size,
@@ -322,6 +344,39 @@ class ClipScorer:
         txt = self.embed_texts(texts)
         s = np.einsum("nd,nd->n", img, txt, dtype=np.float32) if len(img) else np.zeros(0)
         return ScoreResult(s.astype(np.float32), img, txt)
+
+
+def cached_pretrained_file(cfg: dict[str, Any], model: str, tag: str) -> str:
+    """The local file of open_clip's pretrained weights `model`/`tag`, already in the cache.
+
+    Looks where open_clip's downloader puts them (the Hugging Face hub cache for `hf_hub`
+    entries, preferring `.safetensors`; `~/.cache/clip` for URL entries) and never downloads.
+    """
+    tried = []
+    if cfg.get("file"):
+        tried.append(cfg["file"])
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+        model_id, filename = os.path.split(cfg["hf_hub"])  # as open_clip's download_pretrained
+        filename = filename or HF_WEIGHTS_NAME
+        for candidate in [*_get_safe_alternatives(filename), filename]:
+            found = try_to_load_from_cache(model_id, candidate)
+            if isinstance(found, str):
+                return found
+            tried.append(f"hf://{model_id}/{candidate}")
+    if cfg.get("url"):
+        tried.append(
+            os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
+        )
+    for path in tried:
+        if not path.startswith("hf://") and os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"open_clip weights {model}/{tag} are not in the local cache (looked for {tried}) and "
+        "nothing is downloaded here; pass --checkpoint PATH"
+    )
 
 
 def _normalize(x: Any) -> Any:

@@ -49,7 +49,11 @@ OUTPUT_COLUMNS = (
 
 
 def decode_chunks(
-    shard: Shard, limits: ImageLimits, transform: PixelTransform, chunk_rows: int
+    shard: Shard,
+    limits: ImageLimits,
+    transform: PixelTransform,
+    chunk_rows: int,
+    image_column: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Read one image shard and yield decoded chunks (runs as a Ray CPU generator task).
 
@@ -57,7 +61,7 @@ def decode_chunks(
     `counts` and `quarantine` for that chunk; the first chunk also carries the shard-level
     counters (rows read, tar-level drops, a corrupt-shard record).
     """
-    img = read_image_shard(shard.input, limits)
+    img = read_image_shard(shard.input, limits, image_column)
     table = img.table
     n = table.num_rows
     for lo in range(0, max(n, 1), chunk_rows):
@@ -81,7 +85,14 @@ class ScoreActor:
 
     def __init__(self, scorer: Any) -> None:
         self.scorer = scorer
-        scorer.setup()
+
+    def setup(self) -> str | None:
+        """Load the model; an error comes back as its message (the runner raises it)."""
+        try:
+            self.scorer.setup()
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported to the driver
+            return f"{self.scorer.model_name}: {type(exc).__name__}: {exc}"
+        return None
 
     def process(self, chunk: dict[str, Any]) -> dict[str, Any]:
         meta: pa.Table = chunk["meta"]
@@ -149,11 +160,10 @@ def finish_shard(shard: Shard, stage_dir: str, results: list[dict[str, Any]]) ->
     return stats
 
 
-def _pool_shape(device: str, num_actors: int | None, cpus_per_actor: int | None) -> tuple:
-    """(actor device, actor count, actor resources, decode tasks in flight) for the cluster."""
-    import ray
-
-    res = ray.cluster_resources()
+def _pool_shape(
+    device: str, num_actors: int | None, cpus_per_actor: int | None, res: dict[str, float]
+) -> tuple:
+    """(actor device, actor count, actor resources, decode tasks in flight) for resources `res`."""
     gpus = int(res.get("GPU", 0))
     cpus = int(res.get("CPU", 1))
     if device == "auto":
@@ -162,15 +172,23 @@ def _pool_shape(device: str, num_actors: int | None, cpus_per_actor: int | None)
         if not gpus:
             raise ValueError("--device cuda: the Ray cluster has no GPU; use --device cpu or auto")
         n = num_actors or gpus
-        per = cpus_per_actor or 1
-        return "cuda", n, {"num_gpus": 1, "num_cpus": per}, max(2, cpus - n * per)
+        if n > gpus:
+            raise ValueError(f"--num-actors {n}: the Ray cluster has only {gpus} GPU(s)")
+        # One CPU each by default, less when there are as many GPUs as CPUs.
+        per: float = cpus_per_actor or (1 if n <= cpus - 1 else (cpus - 1) / n)
+        if cpus < 2 or cpus - n * per < 1:
+            raise ValueError(
+                f"{n} GPU actor(s) x {per} CPUs leave no CPU of the cluster's {cpus} for "
+                "decoding; lower --cpus-per-actor"
+            )
+        return "cuda", n, {"num_gpus": 1, "num_cpus": per}, max(2, int(cpus - n * per))
     if device != "cpu":
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     if cpus < 2:
         raise ValueError("CPU scoring needs a Ray cluster with at least 2 CPUs (decode + score)")
     n = num_actors or max(1, (cpus - 1) // (cpus_per_actor or max(1, cpus // 2)))
     if cpus_per_actor is not None:
-        per: float = cpus_per_actor
+        per = cpus_per_actor
         if n * per > cpus - 1:
             raise ValueError(
                 f"{n} actor(s) x {per} CPUs leave no CPU of the cluster's {cpus} for decoding; "
@@ -192,6 +210,7 @@ def score_shards(
     device: str = "auto",
     num_actors: int | None = None,
     cpus_per_actor: int | None = None,
+    image_column: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -201,7 +220,7 @@ def score_shards(
     one actor per GPU when there are GPUs (`device` auto or cuda), else CPU actors.
     """
 
-    from curation.images import list_image_shards
+    from curation.images import check_image_shards, list_image_shards
     from curation.pipeline import _inputs_fingerprint, public, summarize, versions, write_quarantine
     from curation.runner import run_actor_stage, shard_names
 
@@ -209,8 +228,13 @@ def score_shards(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     limits = limits or ImageLimits()
     urls = list_image_shards(inputs)
+    check_image_shards(urls, image_column)
     shards = shard_names(urls)
-    dev, n_actors, options, decoders = _pool_shape(device, num_actors, cpus_per_actor)
+    import ray
+
+    dev, n_actors, options, decoders = _pool_shape(
+        device, num_actors, cpus_per_actor, ray.cluster_resources()
+    )
     scorer = copy.copy(scorer)
     scorer.device_request = dev
     scorer.num_threads = max(1, int(options["num_cpus"]))  # leave the other cores to decoding
@@ -218,8 +242,10 @@ def score_shards(
     transform = PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
     params = {
         **scorer.describe(),
+        "checkpoint_sha256": scorer.checkpoint_digest(),
         "limits": dataclasses.asdict(limits),
         "chunk_rows": chunk_rows,
+        "image_column": image_column,
         "device": dev,
     }
     fp = {"stage": "score", "params": params, "inputs": _inputs_fingerprint(urls, out)}
@@ -228,7 +254,7 @@ def score_shards(
         out,
         shards,
         split=decode_chunks,
-        split_args=(limits, transform, chunk_rows),
+        split_args=(limits, transform, chunk_rows, image_column),
         actor_cls=ScoreActor,
         actor_args=(scorer,),
         num_actors=n_actors,

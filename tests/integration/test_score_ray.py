@@ -226,3 +226,30 @@ def test_cli_scores_synth_images_pool_and_parquet_image_tables(pool, tmp_path):
     part = pq.read_table(tmp_path / "out" / "part-images-00000.parquet")
     ok = meta.filter(pa.compute.is_null(meta.column("fault"))).column("uid").to_pylist()
     assert part.column("uid").to_pylist() == ok
+
+
+def test_model_errors_are_one_clear_message_and_weights_are_fingerprinted(pool, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    import torch
+
+    save_file({"visual.proj": torch.zeros(3, 3)}, str(bad))
+    with pytest.raises(ValueError, match="do not fit") as info:
+        score_shards(pool[:1], str(tmp_path / "x"), ClipScorer(TINY_MODEL, checkpoint=str(bad)))
+    assert "Traceback" not in str(info.value)
+
+    ref = ClipScorer(TINY_MODEL)
+    with pytest.warns(UserWarning):
+        ref.setup()
+    good = tmp_path / "w.safetensors"
+    save_file(dict(ref._model.state_dict()), str(good))
+    out = tmp_path / "out"
+    score_shards(pool[:1], str(out), ClipScorer(TINY_MODEL, checkpoint=str(good)), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["checkpoint_sha256"].startswith("sha256:")
+    # Other weights at the same path: resuming would mix two models in one folder.
+    sd = {k: v + 1 if v.is_floating_point() else v for k, v in ref._model.state_dict().items()}
+    save_file(sd, str(good))
+    with pytest.raises(ResumeError, match="checkpoint_sha256"):
+        score_shards(pool[:1], str(out), ClipScorer(TINY_MODEL, checkpoint=str(good)))

@@ -151,9 +151,65 @@ def test_truncated_tar_is_quarantined_and_keeps_what_was_read(tmp_path):
     assert shard.counts["rows_read"] == shard.table.num_rows == q["samples_before_error"]
 
 
-def test_missing_tar_is_quarantined(tmp_path):
-    shard = read_tar(str(tmp_path / "nope.tar"))
-    assert shard.table.num_rows == 0 and shard.quarantine[0]["reason"] == "missing_file"
+def test_io_errors_propagate_so_the_shard_is_retried_not_truncated(tmp_path, monkeypatch):
+    """Only damage is quarantined: a read failing mid-stream (network) must raise, or the shard
+    would be marked done with half its rows."""
+    import fsspec.implementations.local as local
+
+    with pytest.raises(FileNotFoundError):
+        read_tar(str(tmp_path / "nope.tar"))
+    url = write_tar(tmp_path / "a.tar", [sample(f"k{i}") for i in range(10)])
+    real_open = local.LocalFileSystem._open
+
+    class Flaky:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def read(self, n=-1):
+            if self.n > 5000:
+                raise ConnectionResetError("Connection reset by peer")
+            data = self.f.read(n)
+            self.n += len(data)
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", lambda *a, **k: Flaky(real_open(*a, **k)))
+    with pytest.raises(ConnectionResetError):
+        read_tar(url)
+
+
+def test_gzip_tar_inflating_past_the_shard_limit_is_quarantined(tmp_path):
+    zeros = b"\0" * 3_000_000
+    url = write_tar(tmp_path / "z.tar", [(f"k{i}", {"jpg": zeros}) for i in range(8)], gz=True)
+    assert (tmp_path / "z.tar").stat().st_size < 200_000
+    shard = read_tar(url, ImageLimits(max_shard_bytes=10_000_000))
+    [q] = shard.quarantine
+    assert q["reason"] == "shard_too_large" and shard.counts["shards_shard_too_large"] == 1
+    assert shard.table.num_rows <= 3
+
+
+def test_corrupt_parquet_is_quarantined_and_a_missing_image_column_fails_up_front(tmp_path):
+    from curation.images import check_image_shards
+
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    shard = read_image_shard(str(tmp_path / "bad.parquet"))
+    assert [q["reason"] for q in shard.quarantine] == ["corrupt_shard"]
+    pq.write_table(pa.table({"uid": ["a"], "pixels": [b"x"]}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"uid": ["a"], "jpg": ["text, not bytes"]}), tmp_path / "s.parquet")
+    urls = [str(tmp_path / n) for n in ("bad.parquet", "p.parquet")]
+    with pytest.raises(ValueError, match="--image-column"):
+        check_image_shards(urls)
+    check_image_shards(urls, image_column="pixels")
+    with pytest.raises(ValueError, match="not binary"):
+        check_image_shards([str(tmp_path / "s.parquet")])
 
 
 def test_parquet_image_table_binary_and_struct_columns(tmp_path):

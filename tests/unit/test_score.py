@@ -125,7 +125,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"visual.proj": torch.zeros(3, 3)}, str(path))
     s = ClipScorer(TINY_MODEL, checkpoint=str(path))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="do not fit"):
         s.setup()
 
 
@@ -141,15 +141,61 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         load_state_dict(str(tmp_path / "w.npz"))
 
 
-def test_uncached_pretrained_tag_says_to_pass_a_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    s = ClipScorer("ViT-B-32", pretrained="laion2b_s34b_b79k")
-    with pytest.raises(RuntimeError, match="--checkpoint"):
-        s.setup()
+def test_uncached_pretrained_tag_fails_at_construction_without_network(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        ClipScorer("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    with pytest.raises(ValueError, match="no pretrained tag"):
+        ClipScorer("ViT-B-32", pretrained="no-such-tag")
+
+
+def test_pretrained_weights_are_found_in_the_hub_cache(tmp_path, monkeypatch, scorer, pixels):
+    """A tag whose file is in the Hugging Face cache is loaded from there, safetensors first."""
+    import huggingface_hub.constants as hc
+    from safetensors.torch import save_file
+
+    from curation.score import cached_pretrained_file
+
+    hub = tmp_path / "hub"
+    snap = hub / "models--org--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    save_file(dict(scorer._model.state_dict()), str(snap / "open_clip_model.safetensors"))
+    torch.save({"x": torch.zeros(1)}, snap / "open_clip_pytorch_model.bin")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub))
+    path = cached_pretrained_file({"hf_hub": "org/tiny/"}, TINY_MODEL, "tag")
+    assert path.endswith("open_clip_model.safetensors")
+    s = ClipScorer(TINY_MODEL, checkpoint=path, seed=9)
+    s.setup()
+    np.testing.assert_array_equal(
+        s.score(pixels, TEXTS).clip_score, scorer.score(pixels, TEXTS).clip_score
+    )
+    assert s.checkpoint_digest().startswith("sha256:")
 
 
 def test_cpu_rejects_half_precision():
     s = ClipScorer(TINY_MODEL, precision="bf16", device="cpu")
     with pytest.raises(ValueError, match="CUDA"), pytest.warns(UserWarning):
         s.setup()
+
+
+def test_pool_shape_never_plans_actors_the_cluster_cannot_place():
+    from curation.score_run import _pool_shape
+
+    gpu = {"CPU": 16.0, "GPU": 1.0}
+    assert _pool_shape("auto", None, None, gpu) == ("cuda", 1, {"num_gpus": 1, "num_cpus": 1}, 15)
+    with pytest.raises(ValueError, match="only 1 GPU"):
+        _pool_shape("cuda", 2, None, gpu)  # would wait forever for a second GPU
+    dev, n, opts, decoders = _pool_shape("auto", None, None, {"CPU": 8.0, "GPU": 8.0})
+    assert n == 8 and n * opts["num_cpus"] <= 7 and decoders >= 1  # CPUs left to decode
+    with pytest.raises(ValueError, match="no CPU"):
+        _pool_shape("cuda", None, 2, {"CPU": 4.0, "GPU": 2.0})
+    with pytest.raises(ValueError, match="no GPU"):
+        _pool_shape("cuda", None, None, {"CPU": 4.0})
+    dev, n, opts, _ = _pool_shape("auto", 2, None, {"CPU": 2.0})
+    assert dev == "cpu" and n * opts["num_cpus"] <= 1  # fractional: one CPU stays for decoding
+    with pytest.raises(ValueError, match="at least 2 CPUs"):
+        _pool_shape("cpu", None, None, {"CPU": 1.0})
