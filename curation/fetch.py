@@ -12,10 +12,12 @@ OUT/_stage.json          the job's fingerprint (a different job refuses to resum
 
 How it works:
 
-1. The curated parts are staged (uid, url, text; duplicate uids dropped and counted) into
-   `OUT/_work/input/`, one file per part, and img2dataset's `download()` runs on that folder in
-   its incremental mode into `OUT/_work/img2dataset/` (numeric keys, `00000.tar`). Shards done
-   by an earlier run are skipped (`_done` marker, or img2dataset's own `<id>_stats.json`).
+1. The curated parts' uid columns are read once to check them and find duplicate uids
+   (`SeenUids`: whole columns, a few bytes per distinct uid), then the parts are staged (uid,
+   url, text; duplicates dropped and counted) into `OUT/_work/input/`, one file per part, and
+   img2dataset's `download()` runs on that folder in its incremental mode into
+   `OUT/_work/img2dataset/` (numeric keys, `00000.tar`). Shards done by an earlier run are
+   skipped (`_done` marker, or img2dataset's own `<id>_stats.json`).
 2. Each finished img2dataset shard is re-keyed by one Ray task: the tar is streamed member by
    member (never extracted to disk) into `OUT/NAME-k.tar`, in input row order, with `<uid>.<ext>`
    names and fixed headers (mtime 0, uid/gid 0, no user names), so the bytes depend only on the
@@ -63,6 +65,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -76,6 +79,7 @@ __all__ = [
     "RESIZE_MODES",
     "BoundedResizer",
     "FetchOptions",
+    "SeenUids",
     "classify_errors",
     "fetch",
     "header_error",
@@ -314,7 +318,8 @@ def _input_parts(curated: str | Sequence[str]) -> list[Shard]:
     return [Shard(s.name.removeprefix("part-"), s.input) for s in shard_names(urls)]
 
 
-def _read_part(url: str) -> pa.Table:
+def _read_uids(url: str) -> pa.Array:
+    """The `uid` column of a curated part as strings, after checking its columns and uids."""
     schema = pq.read_schema(url)
     missing = [c for c in ("uid", "url", "text") if c not in schema.names]
     if missing:
@@ -322,49 +327,154 @@ def _read_part(url: str) -> pa.Table:
             f"{url} has no column(s) {', '.join(missing)}; fetch needs uid, url and text "
             "(the output of `curation balance`, or any Parquet with those columns)"
         )
-    t = pq.read_table(url, columns=["uid", "url", "text"])
-    uid = pc.cast(t.column("uid"), pa.string())
+    uid = pc.cast(pq.read_table(url, columns=["uid"]).column("uid"), pa.string()).combine_chunks()
     ok = pc.fill_null(pc.match_substring_regex(uid, f"^{UID_RE.pattern}$"), False)
-    if not pc.all(ok).as_py() and t.num_rows:
+    if len(uid) and not pc.all(ok).as_py():
         bad = uid.filter(pc.invert(ok))[0].as_py()
         raise ValueError(
             f"{url}: uid {bad!r} cannot be a webdataset key (needs 1-95 of [A-Za-z0-9_-]); "
             "recompute uids with `curation ingest`"
         )
+    return uid
+
+
+def _read_part(url: str) -> pa.Table:
+    """uid, url (null as empty) and text of a curated part (checked by `_read_uids`)."""
+    t = pq.read_table(url, columns=["uid", "url", "text"])
     return pa.table(
         {
-            "uid": uid,
+            "uid": pc.cast(t.column("uid"), pa.string()),
             "url": pc.fill_null(pc.cast(t.column("url"), pa.string()), ""),
             "text": pc.cast(t.column("text"), pa.string()),
         }
     )
 
 
-def _stage_inputs(
-    parts: Sequence[Shard], staged_dir: str, per_shard: int, write: bool
-) -> tuple[list[_Planned], Counter]:
-    """Plan output shards (and, with `write`, stage the inputs); duplicates of a uid are dropped."""
-    seen: set[str] = set()
+class SeenUids:
+    """The uids seen so far, to keep only the first row of each uid over a sequence of columns.
+
+    Works on whole columns: each column's uids become a NumPy array of fixed-width bytes (`S<w>`,
+    w = the longest uid so far in bytes rounded up to 8, NUL-padded, so a uid must not end with
+    NUL; fetch's uids are `[A-Za-z0-9_-]`), looked up with `searchsorted` in sorted runs of the
+    distinct uids seen so far. A run is merged into the one before it while that one is at most
+    twice its size, so there are at most log2(n) + 1 runs. Memory is about w bytes per distinct
+    uid (24 for `curation ingest` uids), twice that while the two largest runs merge; no Python
+    object is made per row.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+        self._width = 8
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._runs)
+
+    def first_seen(self, uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """A mask of the rows of `uids` whose uid no earlier row (here or in an earlier call) had.
+
+        The uids it keeps are recorded, so later calls drop them. Nulls are refused.
+        """
+        values = self._fixed_width(uids)
+        if not len(values):
+            return np.zeros(0, dtype=bool)
+        # Sort on the uids as big-endian 64-bit words (the same order as the bytes, and several
+        # times faster than sorting `S<w>`); stable, so the first row of each uid comes first.
+        order = np.lexsort(values.view(">u8").reshape(len(values), -1).T[::-1])
+        ordered = values[order]
+        starts = np.ones(len(values), dtype=bool)
+        starts[1:] = ordered[1:] != ordered[:-1]
+        distinct, first = ordered[starts], order[starts]
+        new = np.ones(len(distinct), dtype=bool)
+        for run in self._runs:
+            pos = np.searchsorted(run, distinct)
+            pos[pos == len(run)] = 0
+            new &= run[pos] != distinct
+        keep = np.zeros(len(values), dtype=bool)
+        keep[first[new]] = True
+        if new.any():
+            self._add(distinct[new])
+        return keep
+
+    def _fixed_width(self, uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        arr = pc.cast(uids, pa.large_binary())
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        if arr.null_count:
+            raise ValueError(f"{arr.null_count} null uid(s); every row needs a uid")
+        n = len(arr)
+        if n == 0:
+            return np.zeros(0, dtype=f"S{self._width}")
+        offsets = np.frombuffer(arr.buffers()[1], np.int64, count=n + 1, offset=arr.offset * 8)
+        lengths = np.diff(offsets)
+        width = -(-int(lengths.max()) // 8) * 8  # whole 64-bit words
+        if width > self._width:  # widening pads with NUL: the order and equality are unchanged
+            self._width = width
+            self._runs = [r.astype(f"S{width}") for r in self._runs]
+        width = self._width
+        data = arr.buffers()[2]
+        chars = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+        out = np.zeros((n, width), dtype=np.uint8)
+        out[np.arange(width) < lengths[:, None]] = chars[offsets[0] : offsets[-1]]
+        return out.view(f"S{width}").ravel()
+
+    def _add(self, distinct: np.ndarray) -> None:
+        """Append a sorted run of uids not seen before, then merge runs of similar size."""
+        runs = self._runs
+        runs.append(distinct)
+        while len(runs) > 1 and len(runs[-2]) <= 2 * len(runs[-1]):
+            b = runs.pop()
+            a = runs.pop()
+            runs.append(np.insert(a, np.searchsorted(a, b), b))  # disjoint sorted runs
+
+
+@dataclass
+class _Staging:
+    """The output shards of a run and how to stage their inputs.
+
+    `staged` maps each staged file to (its curated part, the part's rows to keep: None for all);
+    a mask is kept only for parts with duplicates, bit-packed (1 bit per row of the part).
+    """
+
+    planned: list[_Planned]
+    counts: Counter
+    staged: dict[str, tuple[str, pa.BooleanArray | None]]
+
+
+def _plan_inputs(parts: Sequence[Shard], staged_dir: str, per_shard: int) -> _Staging:
+    """Check every part's columns and uids, find duplicate uids, and plan the output shards.
+
+    Reads only the `uid` column. The first row of a uid, in input order (parts in order, rows in
+    order), is kept; later rows of the same uid are counted as `rows_dropped_duplicate_uid`.
+    """
+    seen = SeenUids()
     planned: list[_Planned] = []
     counts: Counter = Counter()
+    staged: dict[str, tuple[str, pa.BooleanArray | None]] = {}
     i2d_id = 0
     for index, part in enumerate(parts):
-        table = _read_part(part.input)
-        uids = table.column("uid").to_pylist()
-        keep = [not (u in seen or seen.add(u)) for u in uids]
-        table = table.filter(pa.array(keep, pa.bool_()))
-        counts["rows_read"] += len(uids)
-        counts["rows_dropped_duplicate_uid"] += len(uids) - table.num_rows
-        if not table.num_rows:
+        keep = seen.first_seen(_read_uids(part.input))
+        kept = int(np.count_nonzero(keep))
+        counts["rows_read"] += len(keep)
+        counts["rows_dropped_duplicate_uid"] += len(keep) - kept
+        if not kept:
             continue
-        staged = fsio.join(staged_dir, f"{index:06d}.parquet")
-        if write:
-            fsio.atomic_write_parquet(staged, table)
-        for k, start in enumerate(range(0, table.num_rows, per_shard)):
-            end = min(start + per_shard, table.num_rows)
-            planned.append(_Planned(f"{part.name}-{k:05d}", i2d_id, staged, start, end))
+        url = fsio.join(staged_dir, f"{index:06d}.parquet")
+        staged[url] = (part.input, None if kept == len(keep) else pa.array(keep, pa.bool_()))
+        for k, start in enumerate(range(0, kept, per_shard)):
+            end = min(start + per_shard, kept)
+            planned.append(_Planned(f"{part.name}-{k:05d}", i2d_id, url, start, end))
             i2d_id += 1
-    return planned, counts
+    return _Staging(planned, counts, staged)
+
+
+def _stage_inputs(staging: _Staging) -> None:
+    """Write the staged parts (uid, url, text; duplicates dropped) that img2dataset reads."""
+    for url, (source, keep) in staging.staged.items():
+        table = _read_part(source)
+        if keep is not None:
+            if len(keep) != table.num_rows:
+                raise RuntimeError(f"{source} changed while fetch was reading it; rerun fetch")
+            table = table.filter(keep)
+        fsio.atomic_write_parquet(url, table)
 
 
 # -- img2dataset --------------------------------------------------------------------------------
@@ -508,8 +618,9 @@ def fetch(
     }
     work = fsio.join(out, WORK_DIR)
     staged_dir, i2d_dir = fsio.join(work, "input"), fsio.join(work, "img2dataset")
-    # inputs are checked before anything is written
-    planned, input_counts = _stage_inputs(parts, staged_dir, options.samples_per_shard, False)
+    # inputs are checked (and duplicates found) before anything is written
+    staging = _plan_inputs(parts, staged_dir, options.samples_per_shard)
+    planned, input_counts = staging.planned, staging.counts
     prepare_stage_dir(out, fp, overwrite)
     todo = {p.name for p in planned if read_marker(out, p.name) is None}
     fs, i2d_path = url_to_fs(i2d_dir)
@@ -518,7 +629,7 @@ def fetch(
         return fs.exists(f"{i2d_path}/{_i2d_name(p.i2d_id)}_stats.json")
 
     if todo:
-        _stage_inputs(parts, staged_dir, options.samples_per_shard, True)
+        _stage_inputs(staging)
     if any(p.name in todo and not i2d_done(p) for p in planned):
         fs.makedirs(i2d_path, exist_ok=True)
         for p in planned:  # img2dataset skips shards that have a stats file

@@ -57,6 +57,7 @@ __all__ = [
     "filter_from_params",
     "filter_shards",
     "global_threshold",
+    "json_number",
     "make_filter",
     "sample_rows",
     "target_centroid_ids",
@@ -201,15 +202,20 @@ def global_threshold(
     `mode="datacomp"` mirrors `get_threshold` in DataComp's `baselines/apply_filter.py`:
     `n = int(len(all) * fraction)` and `t = -np.sort(-all)[n]`, the (n+1)-th largest score
     (0-based index n of the descending order, NaN sorted last), applied as `score >= t`. Its
-    quirk: it keeps n + 1 rows (more with ties at t), one more than the fraction. Where index n
-    falls on a NaN the threshold is NaN and `>=` keeps nothing; DataComp raises IndexError when
-    n == len(all) (fraction 1.0), where this returns -inf (keep all).
+    quirk: it keeps n + 1 rows (more with ties at t), one more than the fraction. NaN/null
+    scores count in `len(all)` but sort last, so when n + 1 is more than the non-NaN scores,
+    index n falls on a NaN: the threshold is NaN and `>=` keeps nothing. This mode keeps that
+    (DataComp parity); DataComp raises IndexError when n == len(all) (fraction 1.0), where this
+    returns -inf (keep every non-NaN score).
 
     `mode="exact"` is the corrected rule: t is the n-th largest score, so `>= t` keeps exactly
-    n rows when there are no ties at t (ties at t are all kept); n == 0 gives +inf.
+    n rows when there are no ties at t (ties at t are all kept); n == 0 gives +inf. When n covers
+    every non-NaN score (e.g. fraction 1.0 with a null score) t is -inf: every row with a score
+    is kept (fewer than n rows: a NaN cannot be ranked), never NaN.
 
     `scores` is one array or an iterable of per-shard arrays (e.g. each shard's `clip_score`);
-    only a partition is done, not a full sort.
+    only a partition is done, not a full sort. A NaN threshold must not go into JSON (NaN !=
+    NaN: a fingerprint holding it never matches); `fitted()` writes it with `json_number`.
     """
     if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
@@ -230,11 +236,25 @@ def global_threshold(
         return math.inf
     if k >= total:
         return -math.inf
-    finite = values[~np.isnan(values)]
+    finite = values[~np.isnan(values)]  # -inf and +inf stay: they are ranked
     if k >= len(finite):
+        if mode == "exact":
+            return -math.inf  # n covers every rankable score: keep them all
         return math.nan  # DataComp's descending sort puts NaN last; t = NaN keeps nothing
     pos = len(finite) - 1 - k
     return float(np.partition(finite, pos)[pos])
+
+
+def json_number(x: float) -> float | str:
+    """`x` for JSON: a finite float as is, else `"nan"`, `"inf"` or `"-inf"`.
+
+    Python's `json` would write NaN / Infinity, which is not JSON, and NaN != NaN makes a stage
+    fingerprint holding it differ from itself, so every rerun would be refused as changed.
+    """
+    x = float(x)
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +409,7 @@ class ClipScoreFilter(Filter):
             return {}
         return {
             self.name: {
-                "threshold": self.threshold,
+                "threshold": json_number(self.threshold),
                 "fraction": self.fraction,
                 "threshold_mode": self.threshold_mode,
                 "column": self.key,

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from curation import datacomp
@@ -315,3 +316,44 @@ def make_filter_from_cli_names(baseline, **params):
     from curation.filters import filter_from_params
 
     return filter_from_params(baseline, params)
+
+
+@pytest.mark.parametrize(
+    "params,threshold",
+    [
+        ({"arch": "l14", "fraction": 1.0, "threshold_mode": "exact"}, "-inf"),  # keep all scored
+        ({"arch": "l14", "fraction": 0.9}, "nan"),  # DataComp: index n on a NaN keeps nothing
+    ],
+)
+def test_null_scores_fit_and_the_same_job_resumes(tmp_path, params, threshold):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    urls = make_pool(folder, shards=2, rows=20, seed=3)
+    scored = 0
+    for u in urls:  # a null score in every 4th row
+        t = pq.read_table(u)
+        col = t.column("clip_l14_similarity_score").to_numpy()
+        nulls = np.arange(t.num_rows) % 4 == 0
+        scores = pa.array(col, mask=nulls)
+        pq.write_table(
+            t.set_column(
+                t.column_names.index("clip_l14_similarity_score"),
+                "clip_l14_similarity_score",
+                scores,
+            ),
+            u,
+        )
+        scored += int((~nulls).sum())
+    out = tmp_path / "out"
+    runs = [
+        run_filter(
+            make_filter("clip_score", **params), urls, str(out), params=params, progress=False
+        )
+        for _ in range(2)  # the second run finds every shard done: no "changed: fit"
+    ]
+    want = scored if threshold == "-inf" else 0
+    assert [s["rows_written"] for s in runs] == [want, want]
+    assert runs[0]["fit"] == runs[1]["fit"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fit"]["clip_score"]["threshold"] == threshold
+    assert "NaN" not in (out / "_stage.json").read_text()

@@ -286,6 +286,63 @@ def test_global_threshold_datacomp_quirk_and_exact():
         filters.global_threshold(shards, 1.5)
 
 
+def test_global_threshold_when_n_covers_every_score():
+    # 6 rows, 2 of them null/NaN: only 4 scores can be ranked
+    with_null = [np.array([0.9, np.nan, 0.5]), pa.array([0.7, None, 0.1])]
+    # exact: n = 6 (fraction 1.0) or 5 covers all 4 scores -> -inf keeps them all, never NaN
+    assert filters.global_threshold(with_null, 1.0, mode="exact") == -np.inf
+    assert filters.global_threshold(with_null, 0.9, mode="exact") == -np.inf
+    assert filters.global_threshold(with_null, 0.7, mode="exact") == 0.1  # n = 4: the 4th
+    assert filters.global_threshold(with_null, 0.5, mode="exact") == 0.5  # n = 3
+    # datacomp (as DataComp's get_threshold): index n = 4 falls on a NaN -> NaN, keeps nothing;
+    # n == len (fraction 1.0) raises IndexError in DataComp, -inf here
+    assert np.isnan(filters.global_threshold(with_null, 0.7))
+    assert filters.global_threshold(with_null, 1.0) == -np.inf
+    assert filters.global_threshold(with_null, 0.5) == 0.1  # index 3
+    # all scores null: exact keeps nothing to rank either way
+    assert filters.global_threshold([np.array([np.nan, np.nan])], 1.0, mode="exact") == -np.inf
+
+
+@pytest.mark.parametrize(
+    "fraction,mode,threshold,kept",
+    [
+        (1.0, "exact", "-inf", [0, 2, 3, 5]),  # every row with a score
+        (0.7, "datacomp", "nan", []),  # DataComp's NaN threshold keeps nothing
+        (0.0, "exact", "inf", []),
+        (0.5, "exact", 0.3, [2, 3, 5]),
+    ],
+)
+def test_fitted_threshold_is_json_and_equal_on_refit(tmp_path, fraction, mode, threshold, kept):
+    import json
+
+    from curation.runner import ResumeError, prepare_stage_dir
+
+    scores = pa.array([0.1, None, 0.3, 0.4, float("nan"), 0.5])
+    table = pa.table({"uid": [f"{i:032x}" for i in range(6)], "clip_score": scores})
+
+    def fitted_filter():
+        f = filters.ClipScoreFilter(column="clip_score", fraction=fraction, threshold_mode=mode)
+        f.fit([f.score_for_fit(table)])
+        return f
+
+    f = fitted_filter()
+    assert kept_rows(f.keep(table)) == kept
+    fit = f.fitted()
+    assert fit["clip_score"]["threshold"] == threshold
+    json.dumps(fit, allow_nan=False)  # strict JSON: no NaN / Infinity
+    # a rerun of the same job fits the same threshold and resumes (NaN != NaN would refuse it)
+    stage = str(tmp_path / "stage")
+    prepare_stage_dir(stage, {"stage": "filter", "fit": fit}, overwrite=False)
+    prepare_stage_dir(stage, {"stage": "filter", "fit": fitted_filter().fitted()}, False)
+    with pytest.raises(ResumeError, match="changed: fit"):
+        prepare_stage_dir(stage, {"stage": "filter", "fit": {"clip_score": {}}}, False)
+
+
+def test_json_number():
+    assert [filters.json_number(x) for x in (0.25, np.float32(0.5), 3)] == [0.25, 0.5, 3.0]
+    assert [filters.json_number(x) for x in (np.nan, np.inf, -np.inf)] == ["nan", "inf", "-inf"]
+
+
 def test_clip_score_fraction_needs_the_barrier():
     f = filters.ClipScoreFilter(arch="l14", fraction=0.3)
     a, b = pool_table(list(range(7))), pool_table(list(range(7, len(ROWS))))
