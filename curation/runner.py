@@ -184,11 +184,9 @@ def run_stage(
     remote = ray.remote(num_cpus=num_cpus, max_retries=3)(task)
     cpus = int(ray.available_resources().get("CPU", 1)) or 1
     limit = max_in_flight or max(2, 2 * cpus)
-    bar = _progress(name, len(shards), len(done), enabled=progress)
+    bar = _Progress(name, len(shards), len(done), enabled=progress)
     pending: dict[Any, Shard] = {}
     queue = list(todo)
-    rows = 0
-    start = time.time()
     refs_args = [ray.put(a) if _is_large(a) else a for a in args]
     try:
         while queue or pending:
@@ -200,15 +198,9 @@ def run_stage(
                 s = pending.pop(ref)
                 stats = ray.get(ref)
                 done[s.name] = stats
-                c = stats.get("counts", {})
-                rows += int(c.get("rows_written", c.get("pairs", 0)))
-                if bar is not None:
-                    bar.update(1)
-                    rate = rows / max(time.time() - start, 1e-9)
-                    bar.set_postfix_str(f"rows={rows:,} rows/s={rate:,.0f}")
+                bar.shard_done(stats)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return {s.name: done[s.name] for s in shards}
 
 
@@ -238,12 +230,29 @@ def _is_large(obj: Any) -> bool:
         return False
 
 
-def _progress(name: str, total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class _Progress:
+    """A tqdm bar of finished shards with the rows written and rows/s (or nothing when off)."""
 
-    return tqdm(total=total, initial=initial, desc=f"{name:>8}", unit="shard", dynamic_ncols=True)
+    def __init__(self, name: str, total: int, initial: int, enabled: bool) -> None:
+        self.rows, self.start, self.bar = 0, time.time(), None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc=f"{name:>8}", unit="shard", dynamic_ncols=True
+            )
+
+    def shard_done(self, stats: dict[str, Any]) -> None:
+        c = stats.get("counts", {})
+        self.rows += int(c.get("rows_written", c.get("pairs", 0)))
+        if self.bar is not None:
+            self.bar.update(1)
+            rate = self.rows / max(time.time() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"rows={self.rows:,} rows/s={rate:,.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_actor_stage(
@@ -297,7 +306,7 @@ def run_actor_stage(
     # I/O errors (a storage read failing) are retried: the shard is redone, never half-marked.
     producer = ray.remote(num_cpus=split_cpus, max_retries=3, retry_exceptions=[OSError])(split)
     limit = shards_in_flight or max(2, num_actors + 1)
-    bar = _progress(name, len(shards), len(done), enabled=progress)
+    bar = _Progress(name, len(shards), len(done), enabled=progress)
     queue = list(todo)
     gens: dict[Any, Shard] = {}  # live generators
     next_index: dict[str, int] = {}
@@ -305,7 +314,6 @@ def run_actor_stage(
     results: dict[str, dict[int, Any]] = {}
     pending: dict[Any, tuple[Shard, int, int]] = {}  # result ref -> (shard, chunk, actor)
     load = [0] * num_actors
-    rows, start = 0, time.time()
     try:
         while queue or gens or pending:
             while queue and len(gens) + len(split_done) < limit:
@@ -342,14 +350,9 @@ def run_actor_stage(
                     done[s.name] = stats
                     split_done.discard(s.name)
                     del results[s.name]
-                    rows += int(stats.get("counts", {}).get("rows_written", 0))
-                    if bar is not None:
-                        bar.update(1)
-                        rate = rows / max(time.time() - start, 1e-9)
-                        bar.set_postfix_str(f"rows={rows:,} rows/s={rate:,.0f}")
+                    bar.shard_done(stats)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         for a in actors:
             ray.kill(a)
     return {s.name: done[s.name] for s in shards}
