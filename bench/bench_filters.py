@@ -1,4 +1,5 @@
-"""DataComp filter throughput (one core): basic and clip_score rows/s, k-means on 1M x 768."""
+"""DataComp filter throughput (one core): basic, text_based and clip_score rows/s, k-means on
+1M x 768."""
 
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ def main() -> None:
     from curation.filters import make_filter, train_centroids
 
     table = _pool(N_ROWS)
-    for name, params in (("basic_filter", {}), ("clip_score", {"arch": "b32", "threshold": 0.25})):
+    for name, params in (
+        ("basic_filter", {}),
+        ("text_based", {}),
+        ("clip_score", {"arch": "b32", "threshold": 0.25}),
+    ):
         f = make_filter(name, **params)
         f.setup()
         t0 = time.perf_counter()
