@@ -271,7 +271,7 @@ def score_shards(
         "stage": "score",
         "params": params,
         "model": {**scorer.describe(), "embed_dim": scorer.embed_dim, "preprocess": pp},
-        "pool": {"device": dev, "actors": n_actors, "actor_resources": options},
+        "device": dev,  # the pool's size is left out: it does not change any output byte
         "versions": versions(),
         "inputs": [[m["input"], m["shard"]] for m in markers.values()],
         "summary": public(summary),
