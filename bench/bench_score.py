@@ -77,6 +77,20 @@ def _end_to_end(files, out: Path, scorer, **kw) -> tuple[float, dict]:
     return s["rows_written"] / (time.perf_counter() - t0), s
 
 
+def _steady_state(files, tmp: Path, make_scorer, **kw) -> tuple[int, float, float, dict]:
+    """End to end on a quarter of the shards and on all of them, after a warm-up run (Ray
+    worker processes import torch once). Returns (images, seconds for all, steady-state img/s:
+    the difference of the two runs, which cancels the fixed cost of starting the actors)."""
+    _end_to_end(files[:1], tmp / "warm", make_scorer(), **kw)
+    runs = []
+    for i, k in enumerate((max(1, len(files) // 4), len(files))):
+        t0 = time.perf_counter()
+        _, s = _end_to_end(files[:k], tmp / f"run{i}", make_scorer(), **kw)
+        runs.append((s["rows_written"], time.perf_counter() - t0))
+    (n1, t1), (n2, t2) = runs
+    return n2, t2, (n2 - n1) / (t2 - t1), s
+
+
 def bench_cpu(tmp: Path, shards: int = 4, per_shard: int = 1000) -> None:
     import torch
 
@@ -102,53 +116,55 @@ def bench_cpu(tmp: Path, shards: int = 4, per_shard: int = 1000) -> None:
     ensure_ray(num_cpus=2)
     # Two pool sizes: the difference cancels the fixed cost (actor start: a fresh process
     # importing torch and building the model), leaving the steady-state rate.
-    _end_to_end(files[:1], tmp / "warm", ClipScorer(TINY_MODEL, batch_size=256))  # workers
-    runs = []
-    for k in (1, len(files)):
-        t0 = time.perf_counter()
-        _, s = _end_to_end(files[:k], tmp / f"out{k}", ClipScorer(TINY_MODEL, batch_size=256))
-        runs.append((s["rows_written"], time.perf_counter() - t0))
-    (n1, t1), (n2, t2) = runs
+    n2, t2, steady, s = _steady_state(files, tmp, lambda: ClipScorer(TINY_MODEL, batch_size=256))
     print(
         f"score CPU end to end (Ray, 2 CPUs: {s['actors']} actor + 1 decode task, Ray start "
         f"excluded): {n2:,} images in {t2:.1f} s = {n2 / t2:,.0f} img/s including actor start; "
-        f"steady state {(n2 - n1) / (t2 - t1):,.0f} img/s"
+        f"steady state {steady:,.0f} img/s"
     )
 
 
-def bench_gpu(tmp: Path, models: list[str], images: int) -> None:
+def bench_gpu(tmp: Path, models: list[str], images: int, device: str = "cuda") -> None:
+    """Model alone vs end to end per model; `device="cpu"` runs the same code on the CPU (a
+    smoke test of this path on machines without a GPU)."""
     import torch
 
     from curation.runner import ensure_ray
     from curation.score import ClipScorer
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         print("score GPU: no CUDA device here; skipped")
         return
-    name = torch.cuda.get_device_name(0)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     cpus = os.cpu_count() or 1
-    shards = max(cpus - 1, 1)
+    shards = max(cpus - 1, 4)  # one per decode CPU, and enough for two pool sizes
     files = _pool(tmp / "gpool", shards, -(-images // shards), 256)
     ensure_ray(num_cpus=cpus)
     for model in models:
         for bs in (256,):
-            scorer = ClipScorer(model, batch_size=bs, device="cuda")
+            scorer = ClipScorer(model, batch_size=bs, device=device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 scorer.setup()
             pixels, texts, dec_s = _decoded(files[:1], scorer.pixel_transform())
             reps = max(1, 20_000 // len(pixels))
             alone = _model_rate(scorer, pixels, texts, repeats=reps)
+            px = scorer.image_size
             del scorer
             torch.cuda.empty_cache()
-            rate, s = _end_to_end(
-                files, tmp / f"out-{model}", ClipScorer(model, batch_size=bs), chunk_rows=1024
+            n2, t2, steady, s = _steady_state(
+                files,
+                tmp / model,
+                lambda m=model, b=bs: ClipScorer(m, batch_size=b),
+                chunk_rows=1024,
+                device=device,
             )
             print(
-                f"score GPU {name}, {model} 224 px bf16, batch {bs}: model alone "
-                f"{alone:,.0f} img/s; end to end from JPEG shards {rate:,.0f} img/s "
-                f"({rate / alone:.0%} of model alone; {s['rows_written']:,} images, "
-                f"{cpus - 1} decode CPUs, one-core decode {len(pixels) / dec_s:,.0f} img/s)"
+                f"score {name}, {model} {px} px, batch {bs}: model alone {alone:,.0f} img/s; "
+                f"end to end from JPEG shards {n2 / t2:,.0f} img/s with actor start, steady "
+                f"state {steady:,.0f} img/s = {steady / alone:.0%} of model alone ({n2:,} "
+                f"images, {s['actors']} actor(s), {cpus - 1} decode CPUs, one-core decode "
+                f"{len(pixels) / dec_s:,.0f} img/s)"
             )
 
 
@@ -157,12 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu", action="store_true", help="GPU numbers for --models")
     ap.add_argument("--models", default="ViT-B-32,ViT-L-14")
     ap.add_argument("--images", type=int, default=30_000)
+    ap.add_argument("--device", default="cuda", help="cpu: run the --gpu path on the CPU")
     args = ap.parse_args(argv or [])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = Path(tempfile.mkdtemp(prefix="curation-bench-score-"))
     try:
         if args.gpu:
-            bench_gpu(tmp, args.models.split(","), args.images)
+            bench_gpu(tmp, args.models.split(","), args.images, args.device)
         else:
             bench_cpu(tmp)
     finally:
