@@ -35,6 +35,7 @@ __all__ = [
     "TORCH_SUFFIXES",
     "check_shard_columns",
     "convert_torch_asset",
+    "embedding_column",
     "embedding_matrix",
     "is_datacomp_uid",
     "list_shards",
@@ -197,7 +198,10 @@ def list_shards(metadata_dir: str | Iterable[str]) -> list[str]:
     return [u for u in fsio.expand_inputs(inputs, suffixes=(".parquet",)) if u.endswith(".parquet")]
 
 
-def _embedding_column(arr: np.ndarray, key: str, where: str) -> pa.FixedSizeListArray:
+def embedding_column(
+    arr: np.ndarray, key: str = "embedding", where: str = "embeddings"
+) -> pa.FixedSizeListArray:
+    """A `(rows, dim)` array as a fixed-size-list column (its dtype kept, e.g. float16)."""
     if arr.ndim != 2:
         raise ValueError(f"{where}: embedding {key!r} must be 2-D, got shape {arr.shape}")
     flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
@@ -286,7 +290,7 @@ def _npz_embeddings(
                     f"{nurl}: {key!r} has {len(arr)} rows but the parquet has "
                     f"{num_rows}; the .npz must be row-aligned with its shard"
                 )
-            out[key] = _embedding_column(arr[idx] if idx is not None else arr, key, nurl)
+            out[key] = embedding_column(arr[idx] if idx is not None else arr, key, nurl)
     return out
 
 

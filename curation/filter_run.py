@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import datacomp, fsio
-from curation.runner import Shard, part_url, run_stage, shard_names, write_marker
+from curation.runner import Shard, finish_part, part_url, run_stage, shard_names
 
 #: Row index into the pool shard, added by jobs so derived tables can find `.npz` embeddings.
 POOL_ROW = "pool_row"
@@ -145,16 +145,7 @@ def keep_task(shard: Shard, stage_dir: str, filt: Any, opts: Mapping[str, Any]) 
     counts = first_failure_counts(conds, n)
     counts["rows_read"] = n
     kept = table.select(keep_cols).filter(pa.array(keep))
-    fsio.atomic_write_parquet(part_url(stage_dir, shard.name), kept)
-    counts["rows_written"] = kept.num_rows
-    stats = {
-        "shard": shard.name,
-        "input": shard.input,
-        "counts": dict(sorted(counts.items())),
-        "steps": step_counts(filt, scores, n),
-    }
-    write_marker(stage_dir, shard.name, stats)
-    return stats
+    return finish_part(stage_dir, shard, kept, counts, steps=step_counts(filt, scores, n))
 
 
 def check_pool(filt: Any, url: str, extra: Sequence[str] = ()) -> None:

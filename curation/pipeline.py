@@ -23,7 +23,7 @@ from curation.runner import (
     Shard,
     cached,
     fingerprint,
-    part_url,
+    finish_part,
     run_stage,
     shard_names,
     write_marker,
@@ -43,15 +43,6 @@ def _maybe_crash(stage: str, shard: str) -> None:
         with open(sentinel, "w") as f:
             f.write("crashed once\n")
         os._exit(1)
-
-
-def _finish(stage_dir: str, shard: Shard, table: pa.Table, counts: Counter, **extra: Any) -> dict:
-    fsio.atomic_write_parquet(part_url(stage_dir, shard.name), table)
-    counts["rows_written"] = table.num_rows
-    stats = {"shard": shard.name, "input": shard.input, "counts": dict(sorted(counts.items()))}
-    stats.update(extra)
-    write_marker(stage_dir, shard.name, stats)
-    return stats
 
 
 # -- task functions (run in Ray workers) -------------------------------------------------------
@@ -79,7 +70,7 @@ def ingest_task(shard: Shard, stage_dir: str, params: dict) -> dict:
     ingestor = cached("ingest:" + fingerprint(params), lambda: Ingestor(**params))
     _maybe_crash("ingest", shard.name)
     result = ingestor.process_shard(shard.input, shard.name)
-    return _finish(
+    return finish_part(
         stage_dir,
         shard,
         result.table,
@@ -132,7 +123,7 @@ def _match_finish(shard: Shard, stage_dir: str, matcher: Any, table: pa.Table) -
     lengths = pa.compute.list_value_length(out.column("entry_ids"))
     counts["rows_with_match"] = int(pa.compute.sum(pa.compute.greater(lengths, 0)).as_py() or 0)
     counts["matches"] = int(pa.compute.sum(lengths).as_py() or 0)
-    return _finish(stage_dir, shard, out, counts)
+    return finish_part(stage_dir, shard, out, counts)
 
 
 def count_task(url: str, num_entries: int) -> np.ndarray:
@@ -148,7 +139,7 @@ def balance_task(shard: Shard, stage_dir: str, probs: np.ndarray, seed: int) -> 
     _maybe_crash("balance", shard.name)
     table = pq.read_table(shard.input)
     kept, counts = Balancer(probs, seed).process(table)
-    return _finish(stage_dir, shard, kept, counts)
+    return finish_part(stage_dir, shard, kept, counts)
 
 
 # -- drivers -------------------------------------------------------------------------------------

@@ -91,6 +91,27 @@ def write_marker(stage_dir: str, shard: str, stats: dict[str, Any]) -> None:
     fsio.atomic_write_json(marker_url(stage_dir, shard), stats)
 
 
+def finish_part(
+    stage_dir: str,
+    shard: Shard,
+    table: Any,
+    counts: dict[str, int],
+    *,
+    parquet: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write a shard's part atomically, then its marker (counts + `extra`); returns the marker.
+
+    `parquet` holds extra `pyarrow.parquet.write_table` options for the part.
+    """
+    fsio.atomic_write_parquet(part_url(stage_dir, shard.name), table, **(parquet or {}))
+    counts["rows_written"] = table.num_rows
+    stats = {"shard": shard.name, "input": shard.input, "counts": dict(sorted(counts.items()))}
+    stats.update(extra)
+    write_marker(stage_dir, shard.name, stats)
+    return stats
+
+
 def prepare_stage_dir(stage_dir: str, fp: dict[str, Any], overwrite: bool) -> None:
     """Create the stage folder, or check that its fingerprint matches (else refuse / wipe)."""
     from fsspec.core import url_to_fs

@@ -30,8 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from curation import fsio
+from curation.datacomp import embedding_column
 from curation.images import ImageLimits, PixelTransform, decode_images, read_image_shard
-from curation.runner import Shard, part_url, write_marker
+from curation.runner import Shard, finish_part
 
 __all__ = ["OUTPUT_COLUMNS", "ScoreActor", "decode_chunks", "score_shards"]
 
@@ -109,10 +110,6 @@ class ScoreActor:
         return out
 
 
-def _fixed_list(arr: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
-
-
 def _with_sizes(meta: pa.Table, sizes: np.ndarray) -> pa.Table:
     """Missing original_width/height come from the decoded image."""
     import pyarrow.compute as pc
@@ -124,40 +121,31 @@ def _with_sizes(meta: pa.Table, sizes: np.ndarray) -> pa.Table:
 
 
 def finish_shard(shard: Shard, stage_dir: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate a shard's scored chunks in order, write the part and then the marker."""
+    """Concatenate a shard's scored chunks in order (a shard yields at least one), write the
+    part and then the marker."""
     counts: Counter = Counter()
-    quarantine: list[dict[str, Any]] = []
-    metas, scores, img, txt = [], [], [], []
     for r in results:
         counts.update(r["counts"])
-        quarantine.extend(r["quarantine"])
-        metas.append(r["meta"])
-        scores.append(r["clip_score"])
-        img.append(r["image_embedding"])
-        txt.append(r["text_embedding"])
-    meta = pa.concat_tables(metas) if metas else None
-    d = img[0].shape[1] if img else 0
+    meta = pa.concat_tables([r["meta"] for r in results])
     table = pa.table(
         {
             **{c: meta.column(c) for c in OUTPUT_COLUMNS[:6]},
-            "clip_score": pa.array(np.concatenate(scores).astype(np.float32)),
-            "image_embedding": _fixed_list(np.concatenate(img).reshape(-1, d)),
-            "text_embedding": _fixed_list(np.concatenate(txt).reshape(-1, d)),
+            "clip_score": pa.array(np.concatenate([r["clip_score"] for r in results])),
+            **{
+                c: embedding_column(np.concatenate([r[c] for r in results]), c, shard.input)
+                for c in OUTPUT_COLUMNS[7:]
+            },
         }
     )
     # Dictionary-encoding float16 embeddings only slows reading them back (about 3x).
-    fsio.atomic_write_parquet(
-        part_url(stage_dir, shard.name), table, use_dictionary=list(OUTPUT_COLUMNS[:4])
+    return finish_part(
+        stage_dir,
+        shard,
+        table,
+        counts,
+        parquet={"use_dictionary": list(OUTPUT_COLUMNS[:4])},
+        quarantine=[q for r in results for q in r["quarantine"]],
     )
-    counts["rows_written"] = table.num_rows
-    stats = {
-        "shard": shard.name,
-        "input": shard.input,
-        "counts": dict(sorted(counts.items())),
-        "quarantine": quarantine,
-    }
-    write_marker(stage_dir, shard.name, stats)
-    return stats
 
 
 def _pool_shape(
