@@ -26,16 +26,21 @@ EN = [
 OTHER = ["le chat dort sur le canapé", "der Hund spielt im Garten", "hi", "ok!!"]
 
 
+def captions_and_images(rng: np.random.Generator, rows: int) -> tuple:
+    """70% English captions, and unit float16 image embeddings around 4 blobs (blob ids)."""
+    texts = [
+        (EN[i % len(EN)] if rng.random() < 0.7 else OTHER[i % len(OTHER)]) for i in range(rows)
+    ]
+    blobs = rng.integers(0, 4, rows)
+    emb = np.eye(4, DIM)[blobs] + 0.05 * rng.standard_normal((rows, DIM))
+    return texts, blobs, (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+
+
 def make_pool(folder, shards: int = 3, rows: int = 200, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     urls = []
     for s in range(shards):
-        texts = [
-            (EN[i % len(EN)] if rng.random() < 0.7 else OTHER[i % len(OTHER)]) for i in range(rows)
-        ]
-        blobs = rng.integers(0, 4, rows)
-        emb = np.eye(4, DIM)[blobs] + 0.05 * rng.standard_normal((rows, DIM))
-        emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+        texts, _, emb = captions_and_images(rng, rows)
         table = pa.table(
             {
                 "uid": [f"{s:08x}{i:024x}" for i in range(rows)],
@@ -205,12 +210,7 @@ def make_scored(folder, shards: int = 2, rows: int = 50, seed: int = 3):
     rng = np.random.default_rng(seed)
     blobs, scores, texts = [], [], []
     for s in range(shards):
-        text = [
-            (EN[i % len(EN)] if rng.random() < 0.7 else OTHER[i % len(OTHER)]) for i in range(rows)
-        ]
-        blob = rng.integers(0, 4, rows)
-        img = np.eye(4, DIM)[blob] + 0.05 * rng.standard_normal((rows, DIM))
-        img = (img / np.linalg.norm(img, axis=1, keepdims=True)).astype(np.float16)
+        text, blob, img = captions_and_images(rng, rows)
         txt = rng.standard_normal((rows, DIM)).astype(np.float16)
         score = np.round(rng.uniform(0.1, 0.4, rows), 3).astype(np.float32)
         table = pa.table(

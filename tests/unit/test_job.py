@@ -176,14 +176,17 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_spec_names_the_key(case):
-    bad, key = BAD[case]
+def check_names_the_key(bad: dict, key: str) -> None:
     with pytest.raises(JobSpecError) as info:
         parse_job(bad, where="my.yaml")
     msg = str(info.value)
     assert key in msg, msg
     assert msg.startswith("my.yaml"), msg
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_spec_names_the_key(case):
+    check_names_the_key(*BAD[case])
 
 
 def test_top_level_not_mapping():
@@ -384,9 +387,4 @@ POOL_BAD = {
 
 @pytest.mark.parametrize("case", sorted(POOL_BAD))
 def test_bad_pool_spec_names_the_key(case):
-    bad, key = POOL_BAD[case]
-    with pytest.raises(JobSpecError) as info:
-        parse_job(bad, where="my.yaml")
-    msg = str(info.value)
-    assert key in msg, msg
-    assert msg.startswith("my.yaml"), msg
+    check_names_the_key(*POOL_BAD[case])
