@@ -35,7 +35,7 @@ def _pool(n: int, seed: int = 0) -> pa.Table:
 
 
 def main() -> None:
-    from curation.filters import make_filter, train_centroids
+    from curation.stages.filters import make_filter, train_centroids
 
     table = _pool(N_ROWS)
     for name, params in (

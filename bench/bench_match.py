@@ -1,4 +1,4 @@
-"""Benchmark of `curation.match` on one core against MetaCLIP's per-text Aho-Corasick loop.
+"""Benchmark of `curation.stages.match` on one core against MetaCLIP's per-text Aho-Corasick loop.
 
 Builds a deterministic >= 500,000-entry metadata (wordfreq English words, bigrams and trigrams of
 frequent words, numbers) and ~200,000 synthetic alt-texts (~58 bytes each: wordfreq word
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 # One core: `main` pins the process (and the child processes it starts) to a single CPU and sets
 # Arrow's thread pools to one thread; run as a script, the thread-count variables are set too.
-# (`curation.match` does not use polars.)
+# (`curation.stages.match` does not use polars.)
 THREAD_VARS = ("POLARS_MAX_THREADS", "RAYON_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 N_TEXTS = 200_000
@@ -173,7 +173,7 @@ def make_texts(n: int, metadata: list[str]) -> list[str]:
 
 def metaclip_loop(texts: list[str], automaton) -> list[list[int]]:
     """MetaCLIP's `substr_matching_ahocorasick.substr_matching`, one text at a time."""
-    from curation.match import spacing
+    from curation.stages.match import spacing
 
     out = []
     for text in texts:
@@ -198,7 +198,7 @@ def build_stats(kind: str) -> dict[str, float]:
     """Build time and memory of one matcher kind, measured in this (fresh) process."""
     import ahocorasick
 
-    from curation.match import Matcher
+    from curation.stages.match import Matcher
 
     metadata = build_metadata()
     _release_free_memory()
@@ -238,7 +238,7 @@ def main(n_texts: int = N_TEXTS) -> None:
     """Print build times, memory and throughput of every engine, on one core."""
     import ahocorasick
 
-    from curation.match import Matcher
+    from curation.stages.match import Matcher
 
     cpus, io_threads = pa.cpu_count(), pa.io_thread_count()
     pa.set_cpu_count(1)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _pool(folder: Path, shards: int, per_shard: int, size: int) -> list[str]:
-    from curation.synth_images import write_synthetic_image_pool
+    from curation.synth.images import write_synthetic_image_pool
 
     write_synthetic_image_pool(str(folder), shards, per_shard, 0, image_size=size)
     return sorted(str(p) for p in folder.glob("*.tar"))
@@ -39,7 +39,7 @@ def _pool(folder: Path, shards: int, per_shard: int, size: int) -> list[str]:
 def _decoded(files: list[str], transform) -> tuple:
     import numpy as np
 
-    from curation.images import decode_images, read_tar
+    from curation.io.images import decode_images, read_tar
 
     t0 = time.perf_counter()
     pix, texts = [], []
@@ -70,7 +70,7 @@ def _sync(scorer):
 
 
 def _end_to_end(files, out: Path, scorer, **kw) -> tuple[float, dict]:
-    from curation.score_run import score_shards
+    from curation.flows.score import score_shards
 
     t0 = time.perf_counter()
     s = score_shards(files, str(out), scorer, progress=False, overwrite=True, **kw)
@@ -94,8 +94,8 @@ def _steady_state(files, tmp: Path, make_scorer, **kw) -> tuple[int, float, floa
 def bench_cpu(tmp: Path, shards: int = 4, per_shard: int = 1000) -> None:
     import torch
 
-    from curation.runner import ensure_ray
-    from curation.score import TINY_MODEL, ClipScorer
+    from curation.executor.runner import ensure_ray
+    from curation.stages.score import TINY_MODEL, ClipScorer
 
     torch.set_num_threads(1)
     files = _pool(tmp / "pool", shards, per_shard, 256)
@@ -129,8 +129,8 @@ def bench_gpu(tmp: Path, models: list[str], images: int, device: str = "cuda") -
     smoke test of this path on machines without a GPU)."""
     import torch
 
-    from curation.runner import ensure_ray
-    from curation.score import ClipScorer
+    from curation.executor.runner import ensure_ray
+    from curation.stages.score import ClipScorer
 
     if device == "cuda" and not torch.cuda.is_available():
         print("score GPU: no CUDA device here; skipped")

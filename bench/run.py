@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def bench_ingest(tmp: Path) -> None:
-    from curation.ingest import Ingestor
-    from curation.synth import write_synthetic_pool
+    from curation.stages.ingest import Ingestor
+    from curation.synth.wat import write_synthetic_pool
 
     t0 = time.perf_counter()
     s = write_synthetic_pool(str(tmp / "pool"), 2, 50_000, 1, malformed_rate=0.002)
@@ -51,7 +51,7 @@ def bench_balance() -> None:
     import numpy as np
     import pyarrow as pa
 
-    from curation.balance import Balancer, count_entries, entry_probabilities
+    from curation.stages.balance import Balancer, count_entries, entry_probabilities
 
     rng = np.random.default_rng(0)
     n, n_entries = 1_000_000, 500_000

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from curation import __version__
-from curation.filters import BASELINES
+from curation.config.filters import BASELINES
 
 ADDRESS = click.option(
     "--address",
@@ -27,24 +27,14 @@ OVERWRITE = click.option(
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
-def _write_manifest(out_dir: str, stage: str, summary: dict[str, Any], **extra: Any) -> None:
-    """A standalone command's manifest: versions, the stage's reconciled counts, parameters."""
-    from curation import fsio
-    from curation.pipeline import public, versions
-
-    body = {"stage": stage, "versions": versions(), "summary": public(summary)}
-    body.update(extra)
-    fsio.atomic_write_json(fsio.join(out_dir, "manifest.json"), body)
-
-
 def _ray(address: str | None, num_cpus: int | None) -> None:
-    from curation.runner import ensure_ray
+    from curation.executor.runner import ensure_ray
 
     ensure_ray(address, num_cpus)
 
 
 def _echo_summary(title: str, summary: dict[str, Any]) -> None:
-    from curation.pipeline import public
+    from curation.core.accounting import public
 
     click.echo(f"{title}: " + json.dumps(public(summary), indent=2, sort_keys=True))
 
@@ -53,9 +43,9 @@ class _Group(click.Group):
     """Turns user-facing errors (bad spec, metadata, inputs, resume conflicts) into one clear line."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from curation.job import JobSpecError
-        from curation.metadata import MetadataError
-        from curation.runner import ResumeError
+        from curation.config.job import JobSpecError
+        from curation.core.metadata import MetadataError
+        from curation.io.parts import ResumeError
 
         try:
             return super().invoke(ctx)
@@ -152,7 +142,7 @@ def synth(
                 "--malformed-rate and --no-languages apply to WAT pools; with --images use "
                 "--image-faults and --mismatch-rate."
             )
-        from curation.synth_images import write_synthetic_image_pool
+        from curation.synth.images import write_synthetic_image_pool
 
         pool = write_synthetic_image_pool(
             out_dir,
@@ -177,7 +167,7 @@ def synth(
     if image_opts:
         names = ", ".join("--" + p.replace("_", "-") for p in image_opts)
         raise click.UsageError(f"{names}: only with --images.")
-    from curation.synth import write_synthetic_pool
+    from curation.synth.wat import write_synthetic_pool
 
     s = write_synthetic_pool(
         out_dir,
@@ -226,19 +216,17 @@ def ingest(
       curation ingest 's3://bucket/CC-MAIN-2024-10/wat/*.warc.wat.gz' -o s3://bucket/pairs
       curation ingest 'pool/synth-{00000..00003}.warc.wat.gz' -o out/ingest
     """
-    from curation.pipeline import ingest as run_ingest
-    from curation.pipeline import write_quarantine
+    from curation.flows.metaclip import ingest_command
 
     _ray(address, num_cpus)
-    summary = run_ingest(
+    summary = ingest_command(
         list(inputs),
         out_dir,
         max_text_chars=max_text_chars,
         overwrite=overwrite,
         progress=not quiet,
     )
-    n_q = write_quarantine(out_dir, [summary.pop("_markers")])
-    _write_manifest(out_dir, "ingest", summary, quarantined=n_q)
+    n_q = summary["quarantined"]
     click.echo(
         f"ingest: {summary['rows_written']:,} pairs from {summary['shards']} shards "
         f"({summary['input_bytes'] / 1e6:.1f} MB), {n_q} quarantined → {out_dir}"
@@ -270,7 +258,7 @@ def metadata_build(wordnet_dir: str | None, out_path: str, unigram_min_zipf: flo
     Example (development step; needs Debian's wordnet-base):
       curation metadata build --wordnet-dir /usr/share/wordnet -o metadata/metadata_en.json
     """
-    from curation.metadata_build import build_default_metadata
+    from curation.tools.build_metadata import build_default_metadata
 
     kwargs = {} if unigram_min_zipf is None else {"unigram_min_zipf": unigram_min_zipf}
     info = build_default_metadata(wordnet_dir, out_path, **kwargs)
@@ -287,7 +275,7 @@ def metadata_info(path: str, sample: int) -> None:
     Example:
       curation metadata info metadata/metadata_en.json
     """
-    from curation.metadata import load_metadata
+    from curation.core.metadata import load_metadata
 
     md = load_metadata(path)
     click.echo(f"file:     {path}\nentries:  {len(md):,}\nchecksum: {md.checksum}")
@@ -337,10 +325,10 @@ def match(
     Example:
       curation match out/ingest -m metadata/metadata_en.json -o out/match
     """
-    from curation.pipeline import match as run_match
+    from curation.flows.metaclip import match_command
 
     _ray(address, num_cpus)
-    s = run_match(
+    s = match_command(
         input_path,
         metadata_path,
         out_dir,
@@ -349,7 +337,6 @@ def match(
         overwrite=overwrite,
         progress=not quiet,
     )
-    _write_manifest(out_dir, "match", s, engine=engine, script_aware=script_aware)
     click.echo(
         f"match: {s['rows_written']:,} rows, {s['counters'].get('rows_with_match', 0):,} "
         f"with a match, {s['counters'].get('matches', 0):,} matches → {out_dir}"
@@ -382,16 +369,14 @@ def count(
       curation count out/match -o out/counts.parquet
       curation count out/match -m metadata/metadata_en.json -o out/counts.parquet
     """
-    from curation.pipeline import count as run_count
-    from curation.pipeline import match_metadata, write_counts
+    from curation.flows.metaclip import count_command, match_metadata
 
-    metadata_path = match_metadata(matched, metadata_path)
+    match_metadata(matched, metadata_path)  # a mismatch fails before Ray starts
     _ray(address, num_cpus)
-    counts, entries = run_count(matched, metadata_path)
-    write_counts(counts, entries, out_path)
+    counts, n_entries = count_command(matched, metadata_path, out_path)
     click.echo(
         f"count: {int(counts.sum()):,} matches over {int((counts > 0).sum()):,} of "
-        f"{len(entries):,} entries → {out_path}"
+        f"{n_entries:,} entries → {out_path}"
     )
 
 
@@ -434,20 +419,18 @@ def balance(
     Example:
       curation balance out/match --counts out/counts.parquet --t 20000 --seed 0 -o out/curated
     """
-    from curation.pipeline import balance as run_balance
-    from curation.pipeline import read_counts, resolve_t
+    from curation.flows.metaclip import balance_command
 
     if (t is None) == (tail_proportion is None):
         raise click.UsageError("give exactly one of --t or --tail-proportion")
-    counts = read_counts(counts_path)
-    t, p = resolve_t(counts, t, tail_proportion)
     _ray(address, num_cpus)
-    s = run_balance(
-        matched, counts, out_dir, t=t, seed=seed, overwrite=overwrite, progress=not quiet
-    )
-    _write_manifest(out_dir, "balance", s, t=t, tail_proportion=p, seed=seed, counts=counts_path)
+    s = balance_command(
+        matched, counts_path, out_dir, t=t, tail_proportion=tail_proportion, seed=seed,
+        overwrite=overwrite, progress=not quiet,
+    )  # fmt: skip
     click.echo(
-        f"balance: t = {t:,.0f}, tail proportion = {p:.4f}, rows in {s['rows_read']:,}, "
+        f"balance: t = {s['t']:,.0f}, tail proportion = {s['tail_proportion']:.4f}, "
+        f"rows in {s['rows_read']:,}, "
         f"rows out {s['rows_written']:,}, dropped {s['rows_dropped']} → {out_dir}"
     )
 
@@ -524,10 +507,7 @@ def images_fetch(
       curation images fetch 'out/curated/part-*.parquet' -o s3://bucket/shards --timeout 5 \\
           --retries 1 --samples-per-shard 5000 --address ray://head:10001
     """
-    import importlib.metadata
-    from dataclasses import asdict
-
-    from curation.fetch import FetchOptions, fetch, prepare_environment
+    from curation.flows.fetch import FetchOptions, fetch_command, prepare_environment
 
     options = FetchOptions(
         processes=processes,
@@ -542,14 +522,7 @@ def images_fetch(
     )
     prepare_environment()  # before a local Ray starts: its workers inherit it
     _ray(address, num_cpus)
-    s = fetch(curated, out_dir, options, overwrite=overwrite, progress=not quiet)
-    _write_manifest(
-        out_dir,
-        "fetch",
-        s,
-        options=asdict(options),
-        img2dataset=importlib.metadata.version("img2dataset"),
-    )
+    s = fetch_command(curated, out_dir, options, overwrite=overwrite, progress=not quiet)
     click.echo(
         f"fetch: {s['rows_read']:,} rows → {s['rows_written']:,} images in {s['shards']} "
         f"shards, failed {s['rows_dropped']} → {out_dir}"
@@ -683,8 +656,8 @@ def filter_cmd(
       curation filter runs/scored --baseline clip_score --score-column clip_score \\
           --fraction 0.3 -o out/clip30
     """
-    from curation.filter_run import run_filter
-    from curation.filters import filter_from_params
+    from curation.flows.filter import run_filter
+    from curation.stages.filters import filter_from_params
 
     params: dict[str, Any] = {k: v for k, v in options.items() if v not in (None, ())}
     if "target_embeddings" in params:
@@ -741,7 +714,7 @@ def convert_assets(in_path: str, out_path: str, dtype: str | None, key: str | No
       curation filter convert-assets medium_centroids_l14.pt -o assets/centroids.npy
       curation filter convert-assets in1k_clip_vit_l14_0.pt -o assets/in1k_0.npy --dtype float16
     """
-    from curation.datacomp import convert_torch_asset
+    from curation.io.datacomp import convert_torch_asset
 
     info = convert_torch_asset(in_path, out_path, dtype=dtype, key=key)
     click.echo(f"convert-assets: {in_path} → {out_path} {tuple(info['shape'])} {info['dtype']}")
@@ -835,9 +808,9 @@ def score(
       curation score pool/ -o out/scores            # tiny model, random weights: plumbing only
       curation score shards/ -o out/scores --model ViT-B-32 --checkpoint vit_b32.safetensors
     """
-    from curation.images import ImageLimits
-    from curation.score import ClipScorer
-    from curation.score_run import score_shards
+    from curation.flows.score import score_shards
+    from curation.io.images import ImageLimits
+    from curation.stages.score import ClipScorer
 
     scorer = ClipScorer(
         model,
@@ -893,21 +866,21 @@ def run(
       curation run jobs/demo.yaml -o runs/demo
       curation run jobs/metaclip_400m.yaml --address ray://head:10001
     """
-    from curation.job import load_job
-    from curation.pipeline import run_job
+    from curation.config.job import load_job
+    from curation.flows.metaclip import run_job
 
     spec = load_job(job_path)
     out = out_dir or spec.output
     if not out:
         raise click.UsageError(f"{job_path} has no 'output'; pass -o OUT")
-    from curation.metadata import load_metadata
+    from curation.core.metadata import load_metadata
 
     if spec.metadata is not None:  # a pool job without balance has none
         load_metadata(spec.metadata)
     _ray(address, num_cpus)
     m = run_job(spec, out, overwrite=overwrite, progress=not quiet)
     if spec.pool:
-        from curation.pipeline import run_summary
+        from curation.flows.pool import run_summary
 
         click.echo("\nrun " + run_summary(m, out))
         return
@@ -931,7 +904,7 @@ def status(out_dir: str) -> None:
     Example:
       curation status runs/demo
     """
-    from curation.pipeline import status as run_status
+    from curation.flows.status import status as run_status
 
     click.echo(json.dumps(run_status(out_dir), indent=2, sort_keys=True))
 

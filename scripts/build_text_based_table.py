@@ -2,7 +2,7 @@
 
 DataComp (mlfoundations/datacomp `baselines/apply_filter.py: does_contain_text_entity`, with
 `nltk==3.8.1` from its `environment.yml`) keeps a caption if, for some `word` of `text.split()`,
-`wordnet.synsets(word)[0].offset()` is in the ImageNet-21k ids. `curation.text_based.Morphy`
+`wordnet.synsets(word)[0].offset()` is in the ImageNet-21k ids. `curation.stages.filters.text_based.Morphy`
 re-implements that lookup exactly (see its module docstring); this script evaluates it on every
 string whose answer needs no chained morphology rules and writes, sorted and deterministic:
 
@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from curation.text_based import DATA_DIR, Morphy, load_imagenet21k_ids  # noqa: E402
+from curation.stages.filters.text_based import DATA_DIR, Morphy, load_imagenet21k_ids  # noqa: E402
 
 FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
 

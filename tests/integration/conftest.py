@@ -1,7 +1,7 @@
 """Integration tests: a real local Ray cluster (2 CPUs), real files, the real CLI.
 
 One Ray cluster is started for all of them (`ray_cluster`, autouse) and used in-process by
-`curation.pipeline`. CLI runs that must start their own cluster (`--num-cpus`, fault injection,
+`curation.flows.metaclip`. CLI runs that must start their own cluster (`--num-cpus`, fault injection,
 driver kills) run as subprocesses with their own `RAY_TMPDIR`, so they never touch the session
 cluster, and they are killed by process group, never with `ray stop`.
 
@@ -72,7 +72,7 @@ def ray_cluster() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def small_metadata(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The first 20,000 entries of metadata/metadata_en.json, written to a temp file."""
-    from curation.metadata import load_metadata, write_metadata_json
+    from curation.core.metadata import load_metadata, write_metadata_json
 
     md = load_metadata(str(REPO / "metadata" / "metadata_en.json"))
     path = tmp_path_factory.mktemp("metadata") / "metadata_small.json"

@@ -250,7 +250,7 @@ def test_resume_with_multiprocessing_gives_the_same_bytes(fetched: Fetched) -> N
 
 
 def test_bad_inputs_fail_before_any_download(fetched: Fetched, tmp_path: Path) -> None:
-    from curation.fetch import fetch
+    from curation.flows.fetch import fetch
 
     hits = dict(fetched.server.hits)
     pq.write_table(
@@ -270,7 +270,7 @@ def test_bad_inputs_fail_before_any_download(fetched: Fetched, tmp_path: Path) -
 
 # -- pieces, without Ray or a server -------------------------------------------------------------
 def test_classify_errors() -> None:
-    from curation.fetch import classify_errors
+    from curation.flows.fetch import classify_errors
 
     cases = {
         "HTTP Error 404: Not Found": "http_404",
@@ -295,7 +295,7 @@ def test_classify_errors() -> None:
 
 
 def test_rekey_tar_streams_and_skips_non_regular_members(tmp_path: Path) -> None:
-    from curation.fetch import rekey_tar
+    from curation.flows.fetch import rekey_tar
 
     src = tmp_path / "src.tar"
     with tarfile.open(src, "w") as tf:

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation import datacomp
-from curation.filter_run import run_filter
-from curation.filters import filter_shards, make_filter, train_centroids
+from curation.io import datacomp
+from curation.flows.filter import run_filter
+from curation.stages.filters import filter_shards, make_filter, train_centroids
 
 from .conftest import run_cli
 
@@ -205,7 +205,7 @@ def test_text_based_on_ray_hand_checked(tmp_path):
 def make_scored(folder, shards: int = 2, rows: int = 50, seed: int = 3):
     """A `curation score` output folder: part-<shard>.parquet with 24-hex uids, clip_score and
     fixed_size_list<float16> embedding columns, no .npz (plus the run files beside them)."""
-    from curation import fsio
+    from curation.core import fsio
 
     rng = np.random.default_rng(seed)
     blobs, scores, texts = [], [], []
@@ -313,7 +313,7 @@ def test_scored_output_image_based_on_parquet_embeddings(scored, tmp_path):
 
 
 def make_filter_from_cli_names(baseline, **params):
-    from curation.filters import filter_from_params
+    from curation.stages.filters import filter_from_params
 
     return filter_from_params(baseline, params)
 

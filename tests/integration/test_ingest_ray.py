@@ -1,4 +1,4 @@
-"""`curation.pipeline.ingest` on a synthetic WAT pool, on the session Ray cluster.
+"""`curation.flows.metaclip.ingest` on a synthetic WAT pool, on the session Ray cluster.
 
 The synthetic pool's `synth_truth.json` says exactly how many pairs each shard must yield and which
 malformed records were injected; ingest must reconcile with it exactly.
@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from curation import pipeline
-from curation.synth import write_synthetic_pool
+from curation.flows import metaclip as pipeline
+from curation.synth.wat import write_synthetic_pool
 
 from .conftest import assert_same_tree, tree_digest
 

@@ -13,10 +13,10 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 
-from curation import datacomp
-from curation.balance import Balancer, count_entries, entry_probabilities
-from curation.filter_run import run_filter
-from curation.filters import (
+from curation.io import datacomp
+from curation.stages.balance import Balancer, count_entries, entry_probabilities
+from curation.flows.filter import run_filter
+from curation.stages.filters import (
     ImageBasedFilter,
     LanguageId,
     filter_from_params,
@@ -24,11 +24,12 @@ from curation.filters import (
     make_filter,
     train_centroids,
 )
-from curation.job import parse_job
-from curation.match import Matcher
-from curation.metadata import load_metadata
-from curation.pipeline import run_job, status
-from curation.runner import ResumeError
+from curation.config.job import parse_job
+from curation.stages.match import Matcher
+from curation.core.metadata import load_metadata
+from curation.flows.metaclip import run_job
+from curation.flows.status import status
+from curation.io.parts import ResumeError
 
 from .conftest import read_parts, run_cli, tree_digest
 from .test_filter_ray import DIM, make_pool
@@ -41,7 +42,7 @@ ENTRIES += ["bread", "wooden", "table", "boat", "harbour", "sunset", "chat", "Hu
 
 @pytest.fixture(scope="module")
 def pool_metadata(tmp_path_factory) -> str:
-    from curation.metadata import write_metadata_json
+    from curation.core.metadata import write_metadata_json
 
     path = tmp_path_factory.mktemp("md") / "pool_metadata.json"
     write_metadata_json(ENTRIES, str(path))

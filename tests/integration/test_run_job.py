@@ -18,10 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from curation.job import parse_job
-from curation.metadata import load_metadata, write_metadata_json
-from curation.pipeline import run_job
-from curation.runner import ResumeError
+from curation.config.job import parse_job
+from curation.core.metadata import load_metadata, write_metadata_json
+from curation.flows.metaclip import run_job
+from curation.io.parts import ResumeError
 
 from .conftest import (
     assert_same_tree,
@@ -347,7 +347,7 @@ def test_cli_worker_killed_mid_shard_gives_identical_bytes(cli_job, tmp_path):
 
 
 def test_count_takes_metadata_from_the_match_stage(base, small_metadata, tmp_path):
-    from curation.pipeline import match_metadata
+    from curation.flows.metaclip import match_metadata
 
     out, _ = base
     assert match_metadata(str(out / "match"), None) == small_metadata

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from curation.balance import (
+from curation.stages.balance import (
     Balancer,
     count_entries,
     entry_probabilities,

@@ -1,4 +1,4 @@
-"""DataComp baselines (curation.filters) and the DataComp pool layout (curation.datacomp)."""
+"""DataComp baselines (curation.stages.filters) and the DataComp pool layout (curation.io.datacomp)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from curation import datacomp, filters
+from curation.io import datacomp
+from curation.stages import filters
 
 # --------------------------------------------------------------------------------------------
 # A small hand-made pool. `LANG` is what the stub language id answers for each caption, so the
@@ -315,7 +316,7 @@ def test_global_threshold_when_n_covers_every_score():
 def test_fitted_threshold_is_json_and_equal_on_refit(tmp_path, fraction, mode, threshold, kept):
     import json
 
-    from curation.runner import ResumeError, prepare_stage_dir
+    from curation.io.parts import ResumeError, prepare_stage_dir
 
     scores = pa.array([0.1, None, 0.3, 0.4, float("nan"), 0.5])
     table = pa.table({"uid": [f"{i:032x}" for i in range(6)], "clip_score": scores})
@@ -605,7 +606,7 @@ def test_clip_score_on_a_named_column_and_fitted():
 
 
 def test_all_of_and_any_of_hand_checked():
-    from curation.filter_run import first_failure_counts, step_counts
+    from curation.stages.filters.apply import first_failure_counts, step_counts
 
     basic = filters.BasicFilter(language=stub_language)  # keeps [0, 5, 9, 11]
     clip = filters.ClipScoreFilter(arch="l14", threshold=0.33)  # keeps [0, 3, 6]

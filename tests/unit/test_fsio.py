@@ -8,8 +8,8 @@ import fsspec
 import pyarrow as pa
 import pytest
 
-from curation import fsio
-from curation.fsio import (
+from curation.core import fsio
+from curation.core.fsio import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,

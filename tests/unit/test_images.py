@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.images import (
+from curation.io.images import (
     ImageLimits,
     PixelTransform,
     decode_images,
@@ -197,7 +197,7 @@ def test_gzip_tar_inflating_past_the_shard_limit_is_quarantined(tmp_path):
 
 
 def test_corrupt_parquet_is_quarantined_and_a_missing_image_column_fails_up_front(tmp_path):
-    from curation.images import check_image_shards
+    from curation.io.images import check_image_shards
 
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     shard = read_image_shard(str(tmp_path / "bad.parquet"))

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.ingest import PAIR_SCHEMA, Ingestor, ShardResult, detect_format
-from curation.synth import write_synthetic_pool
-from curation.text import uid_of_url, uids_of_urls
+from curation.stages.ingest import PAIR_SCHEMA, Ingestor, ShardResult, detect_format
+from curation.synth.wat import write_synthetic_pool
+from curation.core.text import uid_of_url, uids_of_urls
 
 PAGE = "http://example.com/dir/sub/page.html"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curation.job import (
+from curation.config.job import (
     FilterSpec,
     FilterStep,
     JobSpec,

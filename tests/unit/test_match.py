@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import curation.match as match_mod
-from curation.match import (
+import curation.stages.match as match_mod
+from curation.stages.match import (
     Matcher,
     entry_pattern,
     is_cjk_or_similar,

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.metadata import (
+from curation.core.metadata import (
     MetadataError,
     entries_checksum,
     load_metadata,
     validate_entries,
     write_metadata_json,
 )
-from curation.metadata_build import (
+from curation.tools.build_metadata import (
     BuildInfo,
     WordNetFormatError,
     build_default_metadata,

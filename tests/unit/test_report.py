@@ -8,7 +8,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from curation.report import head_tail, top_entries, write_report
+from curation.io.report import head_tail, top_entries, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

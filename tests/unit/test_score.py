@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.images import decode_images
-from curation.score import TINY_MODEL, ClipScorer, load_state_dict
+from curation.io.images import decode_images
+from curation.stages.score import TINY_MODEL, ClipScorer, load_state_dict
 
 TEXTS = ["a red circle", "two blue stars", "", "a green striped square on white", None, "x" * 400]
 
@@ -156,7 +156,7 @@ def test_pretrained_weights_are_found_in_the_hub_cache(tmp_path, monkeypatch, sc
     import huggingface_hub.constants as hc
     from safetensors.torch import save_file
 
-    from curation.score import cached_pretrained_file
+    from curation.stages.score import cached_pretrained_file
 
     hub = tmp_path / "hub"
     snap = hub / "models--org--tiny" / "snapshots" / "abc123"
@@ -183,7 +183,7 @@ def test_cpu_rejects_half_precision():
 
 
 def test_pool_shape_never_plans_actors_the_cluster_cannot_place():
-    from curation.score_run import _pool_shape
+    from curation.flows.score import _pool_shape
 
     gpu = {"CPU": 16.0, "GPU": 1.0}
     assert _pool_shape("auto", None, None, gpu) == ("cuda", 1, {"num_gpus": 1, "num_cpus": 1}, 15)

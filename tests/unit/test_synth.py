@@ -16,8 +16,8 @@ import pytest
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from warcio.archiveiterator import ArchiveIterator as WarcioIterator
 
-from curation import synth
-from curation.synth import (
+from curation.synth import wat as synth
+from curation.synth.wat import (
     MALFORMED_REASONS,
     default_concepts,
     generate_shard,
@@ -41,7 +41,7 @@ def _links_of(doc: dict) -> list | None:
 
 
 def extract(data: bytes) -> dict:
-    """Independent reference extractor following the rules of `curation.synth`'s docstring."""
+    """Independent reference extractor following the rules of `curation.synth.wat`'s docstring."""
     pairs: list[tuple[str, str, str, str]] = []
     stats = Counter()
     for rec in ArchiveIterator(io.BytesIO(data), parse_http=False):

@@ -16,14 +16,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from curation.cli import main
-from curation.synth_images import (
+from curation.synth.images import (
     COLORS,
     FAULT_KINDS,
     SHAPES,
     generate_image_shard,
     write_synthetic_image_pool,
 )
-from curation.text import uid_of_url
+from curation.core.text import uid_of_url
 
 COLUMNS = [
     "key", "uid", "url", "caption", "status", "error_message", "width", "height",

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from curation.text_based import (
+from curation.stages.filters.text_based import (
     DATA_DIR,
     Morphy,
     TextBasedFilter,
@@ -201,7 +201,7 @@ def test_imagenet21k_ids_equal_timms_package_data():
 def test_make_filter_text_based_and_pickling(filt):
     import pickle
 
-    from curation.filters import filter_from_params, make_filter
+    from curation.stages.filters import filter_from_params, make_filter
 
     f = make_filter("text_based", language=fake_language)
     assert isinstance(f, TextBasedFilter) and f.columns == ("text",)

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from curation import fsio
+from curation.core import fsio
 
 __all__ = [
     "UID_DTYPE",
@@ -67,6 +67,9 @@ for _i, _c in enumerate(b"ABCDEF"):
     _HEX_VALUE[_c] = 10 + _i
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
+
+#: Row index into the pool shard, added by jobs so derived tables can find `.npz` embeddings.
+POOL_ROW = "pool_row"
 
 def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The UTF-8 bytes of a string array and its row offsets (starting at 0)."""

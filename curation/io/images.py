@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from curation import fsio
+from curation.core import fsio
 
 __all__ = [
     "IMAGE_EXTS",
@@ -439,7 +439,7 @@ class PixelTransform:
     open_clip's preprocessing is `[Resize, CenterCrop, convert RGB, ToTensor, Normalize]`.
     Everything before `ToTensor` works on PIL images and is run here, in CPU decode workers;
     `ToTensor` + `Normalize` are `x / 255` then `(x - mean) / std` and run on the scorer's
-    device (`curation.score`). Together they give exactly open_clip's `preprocess(img)`.
+    device (`curation.stages.score`). Together they give exactly open_clip's `preprocess(img)`.
     """
 
     def __init__(self, size: int, interpolation: str, resize_mode: str) -> None:

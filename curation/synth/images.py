@@ -50,8 +50,8 @@ import numpy as np
 import pyarrow as pa
 from fsspec.core import url_to_fs
 
-from curation import fsio
-from curation.text import uid_of_url
+from curation.core import fsio
+from curation.core.text import uid_of_url
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -688,7 +688,7 @@ def write_synthetic_image_pool(
 
     `out_dir` is any fsspec URL. Each tar holds `samples_per_shard` samples; see the module
     docstring for the layout, the mismatches and the faults. Same arguments give byte-identical
-    files. File URLs are spelled as `curation.fsio.expand_inputs` spells them.
+    files. File URLs are spelled as `curation.core.fsio.expand_inputs` spells them.
     """
     if shards < 0:
         raise ValueError("shards must be >= 0")

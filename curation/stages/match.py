@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import itertools
 import string
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from curation.core.metadata import load_metadata
+from curation.core.stage import Shard, Stage, StageOutput
+from curation.io.parts import read_part
 
 __all__ = [
     "ENGINES",
@@ -751,3 +756,67 @@ class Matcher:
         if "entry_ids" in table.column_names:
             return table.set_column(table.column_names.index("entry_ids"), "entry_ids", ids)
         return table.append_column("entry_ids", ids)
+
+
+class MatchStage(Stage):
+    """The match stage: adds `entry_ids` to every row of a shard (see `Matcher`).
+
+    Ships the metadata's path and checksum, not its entries: each worker loads the metadata
+    and builds the matcher once in `setup()`, and refuses metadata that changed since the job
+    was planned. With `row_index`, a pool shard read as it is gets its row index in that
+    column (so tables derived from it find the pool's `.npz` embeddings).
+    """
+
+    name = "match"
+
+    def __init__(
+        self,
+        metadata: str,
+        checksum: str,
+        engine: str = "auto",
+        script_aware: bool = False,
+        row_index: str | None = None,
+    ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"unknown match engine {engine!r}; use one of {ENGINES}")
+        self.metadata = metadata
+        self.checksum = checksum
+        self.engine = engine
+        self.script_aware = script_aware
+        self.row_index = row_index
+        self._matcher: Matcher | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_matcher": None}
+
+    def setup(self) -> None:
+        """Load the metadata (checking its checksum) and build the matcher."""
+        if self._matcher is not None:
+            return
+        md = load_metadata(self.metadata)
+        if md.checksum != self.checksum:
+            raise RuntimeError(
+                f"metadata {self.metadata} changed while the job ran "
+                f"({md.checksum} != {self.checksum})"
+            )
+        m = Matcher(md.entries, engine=self.engine, script_aware=self.script_aware)
+        m.setup()
+        self._matcher = m
+
+    def load(self, shard: Shard) -> pa.Table:
+        """The shard's table; with `row_index`, plus its row numbers."""
+        table = read_part(shard.input)
+        if self.row_index and self.row_index not in table.column_names:
+            rows = pa.array(np.arange(table.num_rows, dtype=np.int64))
+            table = table.append_column(self.row_index, rows)
+        return table
+
+    def process(self, table: pa.Table) -> StageOutput:
+        """Matched table; counters rows_read, rows_with_match, matches."""
+        self.setup()
+        out = self._matcher.process(table)
+        lengths = pc.list_value_length(out.column("entry_ids"))
+        counts = Counter(rows_read=table.num_rows)
+        counts["rows_with_match"] = int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
+        counts["matches"] = int(pc.sum(lengths).as_py() or 0)
+        return StageOutput(out, counts)

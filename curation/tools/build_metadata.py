@@ -25,7 +25,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from curation.metadata import entries_checksum, write_metadata_json
+from curation.core.metadata import entries_checksum, write_metadata_json
 
 #: Default Zipf threshold for the unigram part: frequency >= 10**-6.5 (about 3 per 10 million
 #: tokens). With wordfreq 3.1.1: 51,574 English words pass `keep_unigram`, 27,317 of them not

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from fsspec.core import url_to_fs
 
-from curation import fsio
+from curation.core import fsio
 
 __all__ = [
     "MALFORMED_REASONS",
@@ -570,7 +570,7 @@ def _warcinfo(
     out: list[bytes], seed: int, index: int, date: str, rec_id: str, filename: str
 ) -> None:
     body = (
-        "Software-Info: curation.synth/" + str(SYNTH_VERSION) + "\r\n"
+        "Software-Info: curation.synth.wat/" + str(SYNTH_VERSION) + "\r\n"
         f"Extracted-Date: {date}\r\n"
         "isPartOf: CC-MAIN-SYNTHETIC\r\n"
         "operator: curation synthetic generator\r\n"
@@ -970,7 +970,7 @@ def write_synthetic_pool(
     rules of this module's docstring, plus, when `malformed_rate` > 0, bad records on roughly that
     fraction of pages (reasons in `MALFORMED_REASONS`; `huge_text`, one 10 MB alt-text per shard,
     is a valid pair and counts in `pairs_per_file`). Same arguments give byte-identical files.
-    File URLs are spelled as `curation.fsio.expand_inputs` spells them.
+    File URLs are spelled as `curation.core.fsio.expand_inputs` spells them.
     """
     if shards < 0:
         raise ValueError("shards must be >= 0")

@@ -2,7 +2,7 @@
 
 `ClipScorer` is a stage in the project's sense: construct it with plain parameters (cheap,
 picklable), call `setup()` once per worker to load the model, then `score(pixels, texts)` per
-batch. It knows nothing of Ray; `curation.score_run` maps it over image shards on an actor pool.
+batch. It knows nothing of Ray; `curation.flows.score` maps it over image shards on an actor pool.
 
 - **Model**: an open_clip architecture by name (`ViT-B-32`, `ViT-L-14`, ... or the shipped
   `curation-tiny-vit` test config in `curation/model_configs/`). Weights come from a local
@@ -11,7 +11,7 @@ batch. It knows nothing of Ray; `curation.score_run` maps it over image shards o
   `pretrained` tag when the file is already in its cache (never downloaded: the hub is put in
   offline mode). With neither, weights are random, seeded by `seed` so every worker holds the
   same model, and a warning says the scores mean nothing.
-- **Inputs**: `pixels` are uint8 `(n, H, W, 3)` from `curation.images.PixelTransform` (the PIL
+- **Inputs**: `pixels` are uint8 `(n, H, W, 3)` from `curation.io.images.PixelTransform` (the PIL
   half of open_clip's preprocessing, done by CPU decode workers); here they become floats,
   `/ 255`, normalized with the model's mean/std — together exactly open_clip's `preprocess`.
 - **Outputs**: L2-normalized float32 embeddings and `clip_score = Σ img · txt` (cosine
@@ -25,11 +25,19 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+
+from curation.core.accounting import quarantine_record
+from curation.core.stage import Resources, Shard, Stage, StageOutput
+from curation.io.datacomp import embedding_column
+from curation.io.images import ImageLimits, PixelTransform, decode_images, read_image_shard
 
 __all__ = [
     "CONFIG_DIR",
@@ -44,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 TINY_MODEL = "curation-tiny-vit"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -262,7 +270,7 @@ class ClipScorer:
 
     def pixel_transform(self) -> Any:
         """The CPU half of this model's preprocessing, for decode workers (picklable)."""
-        from curation.images import PixelTransform
+        from curation.io.images import PixelTransform
 
         pp = self.expected_preprocess()
         return PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
@@ -412,3 +420,109 @@ class _quiet_open_clip:
 
     def __exit__(self, *exc: Any) -> None:
         logging.getLogger().setLevel(self._level)
+
+
+# -- the stage: decode tasks feed scorer actors ------------------------------------------
+OUTPUT_COLUMNS = (
+    "uid",
+    "key",
+    "url",
+    "text",
+    "original_width",
+    "original_height",
+    "clip_score",
+    "image_embedding",
+    "text_embedding",
+)
+
+
+def decode_chunks(
+    shard: Shard,
+    limits: ImageLimits,
+    transform: PixelTransform,
+    chunk_rows: int,
+    image_column: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Read one image shard and yield decoded chunks (the CPU half of the score stage).
+
+    Each chunk: `meta` (the kept rows' metadata, image bytes dropped), `pixels` (uint8),
+    `counts` and `quarantine` for that chunk; the first chunk also carries the shard-level
+    counters (rows read, tar-level drops, a corrupt-shard record).
+    """
+    img = read_image_shard(shard.input, limits, image_column, shard=shard.name)
+    table = img.table
+    n = table.num_rows
+    for lo in range(0, max(n, 1), chunk_rows):
+        part = table.slice(lo, chunk_rows)
+        pixels, ok, failures, sizes = decode_images(part.column("image"), transform, limits)
+        counts: Counter = Counter(img.counts) if lo == 0 else Counter()
+        quarantine = list(img.quarantine) if lo == 0 else []
+        if failures:
+            keys = np.asarray(part.column("key").to_pylist(), dtype=object)[~ok]
+            for key, (reason, detail) in zip(keys, failures, strict=True):
+                counts[f"rows_dropped_{reason}"] += 1
+                quarantine.append(
+                    quarantine_record("score", shard.name, shard.input, reason, detail, key=key)
+                )
+        meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes)
+        yield {"meta": meta, "pixels": pixels, "counts": counts, "quarantine": quarantine}
+
+
+class ScoreStage(Stage):
+    """The GPU half of the score stage: a `ClipScorer` on an actor, scoring decoded chunks.
+
+    `resources` is set by the flow from the cluster's shape (one GPU each, or CPU shares).
+    """
+
+    name = "score"
+
+    def __init__(self, scorer: ClipScorer, resources: Resources | None = None) -> None:
+        self.scorer = scorer
+        self.resources = resources or Resources(cpus=1, actor=True)
+
+    def setup(self) -> None:
+        """Load the model (once per actor)."""
+        self.scorer.setup()
+
+    def process(self, chunk: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        """Scores and float16 embeddings of one decoded chunk (its counters pass through)."""
+        meta: pa.Table = chunk["meta"]
+        res = self.scorer.score(chunk["pixels"], meta.column("text").to_pylist())
+        d = self.scorer.embed_dim
+        return {
+            "meta": meta,
+            "clip_score": res.clip_score,
+            "image_embedding": res.image_embedding.astype(np.float16).reshape(-1, d),
+            "text_embedding": res.text_embedding.astype(np.float16).reshape(-1, d),
+            "counts": chunk["counts"],
+            "quarantine": chunk["quarantine"],
+        }
+
+
+def _with_sizes(meta: pa.Table, sizes: np.ndarray) -> pa.Table:
+    """Missing original_width/height come from the decoded image."""
+    import pyarrow.compute as pc
+
+    for j, name in enumerate(("original_width", "original_height")):
+        col = pc.coalesce(meta.column(name), pa.array(sizes[:, j], pa.int32()))
+        meta = meta.set_column(meta.schema.get_field_index(name), name, col)
+    return meta
+
+
+def assemble_shard(shard: Shard, results: list[dict[str, Any]]) -> StageOutput:
+    """A shard's scored chunks, in order (a shard yields at least one), as one output."""
+    counts: Counter = Counter()
+    for r in results:
+        counts.update(r["counts"])
+    meta = pa.concat_tables([r["meta"] for r in results])
+    table = pa.table(
+        {
+            **{c: meta.column(c) for c in OUTPUT_COLUMNS[:6]},
+            "clip_score": pa.array(np.concatenate([r["clip_score"] for r in results])),
+            **{
+                c: embedding_column(np.concatenate([r[c] for r in results]), c, shard.input)
+                for c in OUTPUT_COLUMNS[7:]
+            },
+        }
+    )
+    return StageOutput(table, counts, [q for r in results for q in r["quarantine"]])

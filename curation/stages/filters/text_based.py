@@ -38,7 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.filters import _PY_WS, Filter, LanguageFn, LanguageId, Scores, _texts
+from curation.stages.filters.base import _PY_WS, Filter, LanguageFn, Scores, _texts
+from curation.stages.filters.language import LanguageId
 
 __all__ = [
     "DATA_DIR",

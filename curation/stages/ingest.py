@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
-from curation.text import normalize_alt_text, uids_of_urls
+from curation.core.text import normalize_alt_text, uids_of_urls
 
 PAIR_SCHEMA = pa.schema(
     [

@@ -70,8 +70,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation import fsio
-from curation.runner import Shard, marker_url, read_marker, run_stage, write_marker
+from curation.core import fsio
+from curation.core.accounting import summarize, write_stage_manifest
+from curation.core.fingerprint import inputs_fingerprint
+from curation.core.stage import Shard
+from curation.executor.runner import run_tasks
+from curation.io.parts import (
+    done_markers,
+    parts_of,
+    prepare_stage_dir,
+    shard_names,
+    write_marker,
+)
 
 __all__ = [
     "DISTRIBUTORS",
@@ -308,8 +318,6 @@ class _Planned:
 
 
 def _input_parts(curated: str | Sequence[str]) -> list[Shard]:
-    from curation.pipeline import parts_of
-    from curation.runner import shard_names
 
     items = [curated] if isinstance(curated, str) else list(curated)
     if len(items) == 1 and not any(ch in items[0] for ch in "*?[{"):
@@ -601,11 +609,8 @@ def fetch(
     run in the main thread (img2dataset installs a SIGINT handler). Returns the summary
     (`pipeline.summarize`: rows read = written + dropped by reason, `duplicate_uid` included).
     """
-    import ray
     from fsspec.core import url_to_fs
 
-    from curation.pipeline import _inputs_fingerprint, summarize
-    from curation.runner import prepare_stage_dir
 
     options = options or FetchOptions()
     out_fs, out_path = url_to_fs(out)
@@ -614,7 +619,7 @@ def fetch(
     fp = {
         "stage": "fetch",
         "params": options.fingerprint_params(),
-        "inputs": _inputs_fingerprint([p.input for p in parts]),
+        "inputs": inputs_fingerprint([p.input for p in parts]),
     }
     work = fsio.join(out, WORK_DIR)
     staged_dir, i2d_dir = fsio.join(work, "input"), fsio.join(work, "img2dataset")
@@ -622,7 +627,8 @@ def fetch(
     staging = _plan_inputs(parts, staged_dir, options.samples_per_shard)
     planned, input_counts = staging.planned, staging.counts
     prepare_stage_dir(out, fp, overwrite)
-    todo = {p.name for p in planned if read_marker(out, p.name) is None}
+    finished_markers = done_markers(out)
+    todo = {p.name for p in planned if p.name not in finished_markers}
     fs, i2d_path = url_to_fs(i2d_dir)
 
     def i2d_done(p: _Planned) -> bool:
@@ -636,17 +642,17 @@ def fetch(
             if p.name not in todo and not i2d_done(p):
                 fsio.atomic_write_json(
                     fsio.join(i2d_dir, f"{_i2d_name(p.i2d_id)}_stats.json"),
-                    fsio.read_json(marker_url(out, p.name)),
+                    finished_markers[p.name],
                 )
         _run_img2dataset(staged_dir, i2d_dir, options)
     finished = [p for p in planned if p.name not in todo or i2d_done(p)]
     plans = {p.name: {**asdict(p), "i2d_dir": i2d_dir} for p in finished if p.name in todo}
-    markers = run_stage(
+    markers = run_tasks(
         "fetch",
         out,
         [Shard(p.name, p.staged) for p in finished],
         _finalize_task,
-        (ray.put(plans),),  # once, not copied into every task
+        (plans,),  # through the object store once, not copied into every task
         fp=fp,
         progress=progress,
     )
@@ -668,4 +674,21 @@ def fetch(
         raise RuntimeError(
             f"fetch: {summary['rows_read']} rows accounted for, {input_counts['rows_read']} read"
         )
+    return summary
+
+
+def fetch_command(
+    curated: str | Sequence[str], out: str, options: FetchOptions, **kwargs: Any
+) -> dict[str, Any]:
+    """`curation images fetch`: `fetch`, then `OUT/manifest.json`."""
+    import importlib.metadata
+
+    summary = fetch(curated, out, options, **kwargs)
+    write_stage_manifest(
+        out,
+        "fetch",
+        summary,
+        options=asdict(options),
+        img2dataset=importlib.metadata.version("img2dataset"),
+    )
     return summary

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from curation import fsio
+from curation.core import fsio
 
 TOP_N = 20
 

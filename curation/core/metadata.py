@@ -128,7 +128,7 @@ def load_metadata(path: str, fmt: str | None = None) -> Metadata:
 
 def write_metadata_json(entries: list[str], path: str) -> None:
     """Write entries as a MetaCLIP-style JSON list (one entry per line, stable bytes)."""
-    from curation.fsio import atomic_write_bytes
+    from curation.core.fsio import atomic_write_bytes
 
     validate_entries(list(entries), path)
     body = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries) + "\n]\n"

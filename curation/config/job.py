@@ -32,7 +32,7 @@ balance: {t: 20000, when: after}                    # when: before | after the f
 output: runs/datacomp_basic_then_metaclip
 ```
 A pool job needs `filters`, `balance` or both; `balance.when` is required when it has both.
-Step parameters are those of `curation.filters.STEP_PARAMS` (the CLI's `curation filter`
+Step parameters are those of `curation.config.filters.STEP_PARAMS` (the CLI's `curation filter`
 options with `_` for `-`); a step may set `name` (default: its baseline; names must differ).
 Relative local paths are taken relative to the current directory.
 """
@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from curation.filters import validate_params
+from curation.config.filters import validate_params
 
 ENGINES = ("auto", "ngram", "ahocorasick")
 TOP_KEYS = {

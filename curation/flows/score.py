@@ -1,11 +1,11 @@
 """`curation score`: CLIP-score image shards on a Ray actor pool, resumable, per shard.
 
-Per input shard (a webdataset tar or a Parquet image table, see `curation.images`):
+Per input shard (a webdataset tar or a Parquet image table, see `curation.io.images`):
 
 1. a CPU task reads the shard (streamed, bounded) and decodes its images in chunks of
    `chunk_rows` with the model's own resize/crop (`PixelTransform`), yielding uint8 pixels;
 2. a pool of scorer actors (one per GPU with `num_gpus=1`, or CPU actors when there is no GPU)
-   turns each chunk into embeddings and scores (`curation.score.ClipScorer`);
+   turns each chunk into embeddings and scores (`curation.stages.score.ClipScorer`);
 3. the driver writes `OUT/part-<shard>.parquet` atomically, then `OUT/_done/<shard>.json`.
 
 Output columns (one row per decoded sample, in shard order): `uid`, `key`, `url`, `text`,
@@ -22,129 +22,32 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
+from curation.core import fsio
+from curation.core.accounting import public, summarize, write_quarantine
+from curation.core.fingerprint import inputs_fingerprint, versions
+from curation.core.stage import Resources, Shard
+from curation.executor.runner import cluster_resources, run_actor_stage
+from curation.io.images import ImageLimits, PixelTransform, check_image_shards, list_image_shards
+from curation.io.parts import finish_part, shard_names
+from curation.stages.score import OUTPUT_COLUMNS, ScoreStage, assemble_shard, decode_chunks
 
-from curation import fsio
-from curation.datacomp import embedding_column
-from curation.images import ImageLimits, PixelTransform, decode_images, read_image_shard
-from curation.runner import Shard, finish_part
-
-__all__ = ["OUTPUT_COLUMNS", "ScoreActor", "decode_chunks", "score_shards"]
-
-OUTPUT_COLUMNS = (
-    "uid",
-    "key",
-    "url",
-    "text",
-    "original_width",
-    "original_height",
-    "clip_score",
-    "image_embedding",
-    "text_embedding",
-)
-
-
-def decode_chunks(
-    shard: Shard,
-    limits: ImageLimits,
-    transform: PixelTransform,
-    chunk_rows: int,
-    image_column: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Read one image shard and yield decoded chunks (runs as a Ray CPU generator task).
-
-    Each chunk: `meta` (the kept rows' metadata, image bytes dropped), `pixels` (uint8),
-    `counts` and `quarantine` for that chunk; the first chunk also carries the shard-level
-    counters (rows read, tar-level drops, a corrupt-shard record).
-    """
-    img = read_image_shard(shard.input, limits, image_column)
-    table = img.table
-    n = table.num_rows
-    for lo in range(0, max(n, 1), chunk_rows):
-        part = table.slice(lo, chunk_rows)
-        pixels, ok, failures, sizes = decode_images(part.column("image"), transform, limits)
-        counts: Counter = Counter(img.counts) if lo == 0 else Counter()
-        quarantine = list(img.quarantine) if lo == 0 else []
-        if failures:
-            keys = np.asarray(part.column("key").to_pylist(), dtype=object)[~ok]
-            for key, (reason, detail) in zip(keys, failures, strict=True):
-                counts[f"rows_dropped_{reason}"] += 1
-                quarantine.append(
-                    {"shard": shard.input, "key": key, "reason": reason, "detail": detail[:300]}
-                )
-        meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes)
-        yield {"meta": meta, "pixels": pixels, "counts": counts, "quarantine": quarantine}
-
-
-class ScoreActor:
-    """Ray actor body: holds one `ClipScorer`, scores decoded chunks."""
-
-    def __init__(self, scorer: Any) -> None:
-        self.scorer = scorer
-
-    def setup(self) -> str | None:
-        """Load the model; an error comes back as its message (the runner raises it)."""
-        try:
-            self.scorer.setup()
-        except Exception as exc:  # noqa: BLE001 - any load failure is reported to the driver
-            return f"{self.scorer.model_name}: {type(exc).__name__}: {exc}"
-        return None
-
-    def process(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        meta: pa.Table = chunk["meta"]
-        res = self.scorer.score(chunk["pixels"], meta.column("text").to_pylist())
-        d = self.scorer.embed_dim
-        out = {
-            "meta": meta,
-            "clip_score": res.clip_score,
-            "image_embedding": res.image_embedding.astype(np.float16).reshape(-1, d),
-            "text_embedding": res.text_embedding.astype(np.float16).reshape(-1, d),
-            "counts": chunk["counts"],
-            "quarantine": chunk["quarantine"],
-        }
-        return out
-
-
-def _with_sizes(meta: pa.Table, sizes: np.ndarray) -> pa.Table:
-    """Missing original_width/height come from the decoded image."""
-    import pyarrow.compute as pc
-
-    for j, name in enumerate(("original_width", "original_height")):
-        col = pc.coalesce(meta.column(name), pa.array(sizes[:, j], pa.int32()))
-        meta = meta.set_column(meta.schema.get_field_index(name), name, col)
-    return meta
+__all__ = ["OUTPUT_COLUMNS", "score_shards"]
 
 
 def finish_shard(shard: Shard, stage_dir: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate a shard's scored chunks in order (a shard yields at least one), write the
-    part and then the marker."""
-    counts: Counter = Counter()
-    for r in results:
-        counts.update(r["counts"])
-    meta = pa.concat_tables([r["meta"] for r in results])
-    table = pa.table(
-        {
-            **{c: meta.column(c) for c in OUTPUT_COLUMNS[:6]},
-            "clip_score": pa.array(np.concatenate([r["clip_score"] for r in results])),
-            **{
-                c: embedding_column(np.concatenate([r[c] for r in results]), c, shard.input)
-                for c in OUTPUT_COLUMNS[7:]
-            },
-        }
-    )
+    """Assemble a shard's scored chunks, write the part and then the marker."""
+    out = assemble_shard(shard, results)
     # Dictionary-encoding float16 embeddings only slows reading them back (about 3x).
     return finish_part(
         stage_dir,
         shard,
-        table,
-        counts,
+        out.table,
+        out.counts,
         parquet={"use_dictionary": list(OUTPUT_COLUMNS[:4])},
-        quarantine=[q for r in results for q in r["quarantine"]],
+        quarantine=out.quarantine,
     )
 
 
@@ -208,20 +111,14 @@ def score_shards(
     one actor per GPU when there are GPUs (`device` auto or cuda), else CPU actors.
     """
 
-    from curation.images import check_image_shards, list_image_shards
-    from curation.pipeline import _inputs_fingerprint, public, summarize, versions, write_quarantine
-    from curation.runner import run_actor_stage, shard_names
-
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     limits = limits or ImageLimits()
     urls = list_image_shards(inputs)
     check_image_shards(urls, image_column)
     shards = shard_names(urls)
-    import ray
-
     dev, n_actors, options, decoders = _pool_shape(
-        device, num_actors, cpus_per_actor, ray.cluster_resources()
+        device, num_actors, cpus_per_actor, cluster_resources()
     )
     scorer = copy.copy(scorer)
     scorer.device_request = dev
@@ -236,17 +133,17 @@ def score_shards(
         "image_column": image_column,
         "device": dev,
     }
-    fp = {"stage": "score", "params": params, "inputs": _inputs_fingerprint(urls, out)}
+    fp = {"stage": "score", "params": params, "inputs": inputs_fingerprint(urls, out)}
+    resources = Resources(
+        cpus=options["num_cpus"], gpus=options.get("num_gpus", 0), actor=True
+    )
     markers = run_actor_stage(
-        "score",
-        out,
+        ScoreStage(scorer, resources),
         shards,
+        out,
         split=decode_chunks,
         split_args=(limits, transform, chunk_rows, image_column),
-        actor_cls=ScoreActor,
-        actor_args=(scorer,),
         num_actors=n_actors,
-        actor_options=options,
         finish=finish_shard,
         fp=fp,
         shards_in_flight=decoders,

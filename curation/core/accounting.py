@@ -1,0 +1,84 @@
+"""Accounting: every row read is written or dropped for a named reason; every set-aside record
+is listed once, in one schema.
+
+Counters follow one naming rule: `rows_read`, `rows_written`, `rows_dropped_<reason>` (these
+must reconcile per shard and per stage), plus free-form counters (`records_read`,
+`texts_truncated`, ...). A quarantine entry is `{"stage", "shard" (the shard's name), "input"
+(its URL), "reason", "detail", ...}` with optional locators (`record`, `offset`, `key`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from curation.core import fsio
+from curation.core.fingerprint import versions
+
+QUARANTINE_DETAIL_CHARS = 300
+
+
+def quarantine_record(
+    stage: str, shard: str, input_url: str, reason: str, detail: str = "", **extra: Any
+) -> dict[str, Any]:
+    """One quarantine entry: the stage, the shard's name and URL, the reason and a detail."""
+    entry = {
+        "stage": stage,
+        "shard": shard,
+        "input": input_url,
+        "reason": reason,
+        "detail": str(detail)[:QUARANTINE_DETAIL_CHARS],
+    }
+    entry.update(extra)
+    return entry
+
+
+def summarize(stage: str, markers: dict[str, dict]) -> dict[str, Any]:
+    """Sum per-shard counters and check that rows read = written + dropped by reason."""
+    total: Counter = Counter()
+    for m in markers.values():
+        total.update(m.get("counts", {}))
+    dropped = {
+        k[len("rows_dropped_") :]: v
+        for k, v in sorted(total.items())
+        if k.startswith("rows_dropped_")
+    }
+    read, written = total.get("rows_read", 0), total.get("rows_written", 0)
+    if "rows_read" in total and read != written + sum(dropped.values()):
+        raise RuntimeError(
+            f"{stage}: counts do not reconcile: read {read} != written {written} + dropped "
+            f"{sum(dropped.values())} ({dropped})"
+        )
+    return {
+        "shards": len(markers),
+        "rows_read": read,
+        "rows_written": written,
+        "rows_dropped": dropped,
+        "counters": dict(sorted(total.items())),
+    }
+
+
+def public(summary: dict) -> dict:
+    """A summary without its private (`_`-prefixed) keys, for manifests and printing."""
+    return {k: v for k, v in summary.items() if not k.startswith("_")}
+
+
+def write_quarantine(out: str, stage_markers: list[dict[str, dict]]) -> int:
+    """`OUT/quarantine.jsonl` from the markers of the given stages; returns the line count."""
+    lines = []
+    for markers in stage_markers:
+        for m in markers.values():
+            for q in m.get("quarantine", []):
+                lines.append(json.dumps(q, sort_keys=True, ensure_ascii=False))
+    fsio.atomic_write_bytes(
+        fsio.join(out, "quarantine.jsonl"), ("\n".join(lines) + ("\n" if lines else "")).encode()
+    )
+    return len(lines)
+
+
+def write_stage_manifest(out_dir: str, stage: str, summary: dict[str, Any], **extra: Any) -> None:
+    """A standalone command's manifest: versions, the stage's reconciled counts, parameters."""
+    body = {"stage": stage, "versions": versions(), "summary": public(summary)}
+    body.update(extra)
+    fsio.atomic_write_json(fsio.join(out_dir, "manifest.json"), body)

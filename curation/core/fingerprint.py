@@ -1,0 +1,108 @@
+"""Fingerprints: what a stage's output depends on, so a resume never reuses stale parts.
+
+A stage fingerprint holds its parameters, the package version (added by
+`io.parts.prepare_stage_dir`), an identity of every input shard (`file_identity`: size plus the
+store's etag / generation / mtime) and the content hash of every small asset it reads
+(`asset_digest`: metadata, centroids, target embeddings, checkpoints, LID models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+from curation import __version__
+from curation.core import fsio
+
+#: fs.info keys that change when an object's content changes, in order of preference.
+_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "version_id", "VersionId")
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj`."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def file_identity(url: str) -> dict[str, Any] | None:
+    """Size and version (etag / generation / mtime) of a file; None when it does not exist.
+
+    Two different contents of one path (a retrained centroid file of the same size, a shard
+    rewritten in place) give different identities on every store that reports a version or
+    modification time.
+    """
+    fs, path = fsio.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    out: dict[str, Any] = {"size": info.get("size")}
+    for key in _VERSION_KEYS:
+        if info.get(key) is not None:
+            out["version"] = str(info[key]).strip('"')
+            return out
+    for key in _MTIME_KEYS:
+        if info.get(key) is not None:
+            out["mtime"] = str(info[key])
+            return out
+    return out
+
+
+_DIGESTS: dict[tuple[str, str], str] = {}
+
+
+def asset_digest(url: str) -> str | None:
+    """sha256 of a small asset's bytes (None when it does not exist); cached per identity."""
+    ident = file_identity(url)
+    if ident is None:
+        return None
+    key = (url, json.dumps(ident, sort_keys=True))
+    if key not in _DIGESTS:
+        fs, path = fsio.url_to_fs(url)
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _DIGESTS[key] = "sha256:" + h.hexdigest()
+    return _DIGESTS[key]
+
+
+def assets_fingerprint(urls: Sequence[str]) -> list[list[Any]]:
+    """[url, content sha256] of each asset (the job gives their paths; contents decide)."""
+    return [[u, asset_digest(u)] for u in urls]
+
+
+def relative_to(url: str, root: str | None) -> str:
+    """`url` relative to the run folder when it lies inside it (so a moved folder resumes)."""
+    if root:
+        base = root.rstrip("/") + "/"
+        if url.startswith(base):
+            return "./" + url[len(base) :]
+    return url
+
+
+def inputs_fingerprint(urls: Sequence[str], root: str | None = None) -> list[list[Any]]:
+    """[url (run-relative when inside `root`), identity] of each input shard."""
+    return [[relative_to(u, root), file_identity(u)] for u in urls]
+
+
+def content_inputs(inputs: list[dict]) -> list[list]:
+    """Inputs as (file name, sha256) for downstream fingerprints: content, not location."""
+    return [[i["url"].rsplit("/", 1)[-1], i["sha256"]] for i in inputs]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the package and the libraries whose behaviour shapes the outputs."""
+    import importlib.metadata as im
+
+    out = {"curation": __version__, "python": platform.python_version()}
+    for pkg in ("numpy", "pyarrow", "polars", "ray", "pyahocorasick", "fastwarc", "fsspec"):
+        try:
+            out[pkg] = im.version(pkg)
+        except im.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out

@@ -1,0 +1,82 @@
+"""The stage contract: every step of the pipeline is one of these, and none of them knows Ray.
+
+A `Stage` turns one shard's table into another: `setup()` loads what it needs (an automaton, a
+model, a table) once per worker process, and `process(table)` returns a `StageOutput`: the
+output table, the shard's counters (`rows_read`, `rows_dropped_<reason>`, ...) and the records
+it set aside (quarantine entries, see `core.accounting.quarantine_record`). `resources` says
+what one copy needs (CPUs, GPUs; `actor=True` asks the executor for a pool of long-lived
+actors, for GPU stages and stages whose setup is expensive). A `Source` is the first stage of a
+flow: it reads one input shard (`read(shard)`) instead of a table.
+
+Stages are unit-tested by calling `setup()` and `process()` on small tables; the executor
+(`curation.executor`) maps them over shards, caches the set-up stage per worker, writes the
+part and then the completion marker, and retries transient I/O errors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: a stable name (from the input file) and the input URL."""
+
+    name: str
+    input: str
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one copy of a stage needs; the executor places it accordingly."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    #: Run on a pool of long-lived actors (GPU stages, expensive setup) instead of tasks.
+    actor: bool = False
+
+
+@dataclass
+class StageOutput:
+    """What a stage produced for one shard.
+
+    `counts` must reconcile: `rows_read = rows_written + Σ rows_dropped_<reason>` (the executor
+    sets `rows_written` from the table). `extra` goes into the shard's marker as it is (e.g. the
+    input's checksum, a filter's per-step counts).
+    """
+
+    table: pa.Table
+    counts: Counter = field(default_factory=Counter)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """A per-shard table transform. Subclasses set `name`, maybe `resources`, and implement
+    `process`; `setup` is optional. Objects are pickled to workers before `setup`, so anything
+    `setup` loads must stay out of the pickled state."""
+
+    name: str = "stage"
+    resources: Resources = Resources()
+
+    def setup(self) -> None:
+        """Load models / automata / tables; called once per worker before the first shard."""
+
+    def process(self, table: pa.Table) -> StageOutput:
+        """The output for one shard's table."""
+        raise NotImplementedError
+
+
+class Source(Stage):
+    """The first stage of a flow: reads an input shard itself (`read`), takes no table."""
+
+    def read(self, shard: Shard) -> StageOutput:
+        """The output for one input shard (any fsspec URL)."""
+        raise NotImplementedError
+
+    def process(self, table: pa.Table) -> StageOutput:  # pragma: no cover - sources read
+        raise TypeError(f"{self.name} is a source: call read(shard)")

@@ -1,0 +1,1 @@
+"""The executor: the only package that imports Ray (see `runner`)."""

@@ -1,0 +1,440 @@
+"""The one place that knows Ray: maps stages over shards, resumably, with bounded memory.
+
+- `run_stage(stage, shards, stage_dir)`: one Ray task per shard not yet done. In the worker the
+  stage is set up once and cached (keyed by the object-store copy of this run's stage, so a
+  worker that serves many shards loads its automaton or model once), the shard is read
+  (`stage.load(shard)` when the stage has one, else the Parquet part; a `Source` reads its
+  input itself), `process` runs, and the part is written, then the marker.
+- `run_tasks(task, shards, stage_dir)`: the same scheduling for plain per-shard functions that
+  write their own outputs (synthetic pools, img2dataset re-keying).
+- `run_actor_stage`: CPU producer tasks feeding a pool of actors (GPU stages, `resources.actor`).
+- `sum_over_shards`: a reduction (entry counts) computed by tasks.
+
+Transient storage errors (`OSError`) are retried with exponential backoff inside the task and
+then by Ray; they are never recorded as damage, and a shard is marked done only after its part
+is in place. Outputs depend only on the shard, so a retry writes identical bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from curation.core.stage import Shard, Source, Stage
+from curation.io.parts import done_and_todo, finish_part, read_part
+
+#: Attempts per shard inside one task for transient I/O errors, and the first backoff (s).
+IO_ATTEMPTS = int(os.environ.get("CURATION_IO_ATTEMPTS", "4"))
+IO_BACKOFF_S = float(os.environ.get("CURATION_IO_BACKOFF_S", "1.0"))
+#: Ray-level retries of a task (worker death, exhausted I/O attempts).
+TASK_RETRIES = 3
+_CACHE_SIZE = 4
+_WORKER_CACHE: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address` / RAY_ADDRESS, or start a local Ray cluster if neither is given."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def cluster_resources() -> dict[str, float]:
+    """The Ray cluster's total resources (CPU, GPU, ...)."""
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def with_io_retries(fn: Callable[[], Any], what: str) -> Any:
+    """`fn()`, retried with exponential backoff on `OSError` (a transient storage error).
+
+    A missing file is not transient: `FileNotFoundError` is raised at once. After the last
+    attempt the error propagates (Ray retries the task; then the run fails loudly).
+    """
+    delay = IO_BACKOFF_S
+    for attempt in range(1, IO_ATTEMPTS + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == IO_ATTEMPTS:
+                raise OSError(f"{what}: {type(exc).__name__}: {exc} ({attempt} attempts)") from exc
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _set_up(box: list[Any]) -> Any:
+    """The stage in `box` (an ObjectRef, or the stage itself), set up once per worker process."""
+    import ray
+
+    ref = box[0]
+    if not isinstance(ref, ray.ObjectRef):
+        ref.setup()
+        return ref
+    key = ref.hex()
+    stage = _WORKER_CACHE.get(key)
+    if stage is None:
+        stage = ray.get(ref)
+        stage.setup()
+        _WORKER_CACHE[key] = stage
+        while len(_WORKER_CACHE) > _CACHE_SIZE:
+            _WORKER_CACHE.popitem(last=False)
+    else:
+        _WORKER_CACHE.move_to_end(key)
+    return stage
+
+
+def _shard_task(shard: Shard, stage_dir: str, box: list[Any], part_options: dict) -> dict:
+    """Ray task body: one shard through one stage, then the part and the marker."""
+    stage = _set_up(box)
+
+    def body() -> dict:
+        if isinstance(stage, Source):
+            out = stage.read(shard)
+        else:
+            load = getattr(stage, "load", None)
+            table = load(shard) if load is not None else read_part(shard.input)
+            out = stage.process(table)
+        return finish_part(
+            stage_dir,
+            shard,
+            out.table,
+            out.counts,
+            parquet=part_options,
+            **({"quarantine": out.quarantine} if out.quarantine else {}),
+            **out.extra,
+        )
+
+    return with_io_retries(body, f"{stage.name} {shard.input}")
+
+
+def run_stage(
+    stage: Stage,
+    shards: Sequence[Shard],
+    stage_dir: str,
+    *,
+    fp: dict[str, Any],
+    overwrite: bool = False,
+    part_options: dict[str, Any] | None = None,
+    max_in_flight: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run `stage` over every shard not yet done; each shard's marker, in shard order.
+
+    The stage object goes to the object store once; every task of this run shares it.
+    """
+    import ray
+
+    box = [ray.put(stage)]
+    return _schedule(
+        stage.name,
+        stage_dir,
+        shards,
+        _shard_task,
+        (box, part_options or {}),
+        fp=fp,
+        overwrite=overwrite,
+        num_cpus=stage.resources.cpus,
+        num_gpus=stage.resources.gpus,
+        max_in_flight=max_in_flight,
+        progress=progress,
+    )
+
+
+def run_tasks(
+    name: str,
+    stage_dir: str,
+    shards: Sequence[Shard],
+    task: Callable[..., dict[str, Any]],
+    args: tuple = (),
+    *,
+    fp: dict[str, Any],
+    overwrite: bool = False,
+    num_cpus: float = 1,
+    max_in_flight: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run `task(shard, stage_dir, *args)` (which writes its output and marker) per shard."""
+    return _schedule(
+        name,
+        stage_dir,
+        shards,
+        task,
+        args,
+        fp=fp,
+        overwrite=overwrite,
+        num_cpus=num_cpus,
+        max_in_flight=max_in_flight,
+        progress=progress,
+    )
+
+
+def _schedule(
+    name: str,
+    stage_dir: str,
+    shards: Sequence[Shard],
+    task: Callable[..., dict[str, Any]],
+    args: tuple,
+    *,
+    fp: dict[str, Any],
+    overwrite: bool,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    max_in_flight: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    import ray
+
+    done, todo = done_and_todo(stage_dir, shards, fp, overwrite)
+    remote = ray.remote(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_retries=TASK_RETRIES,
+        retry_exceptions=[OSError],
+    )(task)
+    cpus = int(ray.available_resources().get("CPU", 1)) or 1
+    limit = max_in_flight or max(2, 2 * cpus)
+    bar = Progress(name, len(shards), len(done), enabled=progress)
+    pending: dict[Any, Shard] = {}
+    queue = collections.deque(todo)
+    refs_args = [ray.put(a) if _is_large(a) else a for a in args]
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                s = queue.popleft()
+                pending[remote.remote(s, stage_dir, *refs_args)] = s
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                s = pending.pop(ref)
+                stats = ray.get(ref)
+                done[s.name] = stats
+                bar.shard_done(stats)
+    finally:
+        bar.close()
+    return {s.name: done[s.name] for s in shards}
+
+
+def _sum_task(fn: Callable[[str], np.ndarray], url: str) -> np.ndarray:
+    return with_io_retries(lambda: fn(url), url)
+
+
+def sum_over_shards(
+    fn: Callable[[str], np.ndarray], urls: Sequence[str], size: int, dtype: Any = np.uint64
+) -> np.ndarray:
+    """Σ fn(url) over `urls`, each computed by a Ray task, summed as results arrive."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])(
+        _sum_task
+    )
+    fn_ref = ray.put(fn)
+    cpus = int(ray.available_resources().get("CPU", 1)) or 1
+    total = np.zeros(size, dtype=dtype)
+    queue, pending = collections.deque(urls), []
+    while queue or pending:
+        while queue and len(pending) < 2 * cpus:
+            pending.append(remote.remote(fn_ref, queue.popleft()))
+        ready, pending = ray.wait(pending, num_returns=1)
+        total += ray.get(ready[0])
+    return total
+
+
+def map_shards(fn: Callable[..., Any], shards: Sequence[Any], *args: Any) -> list[Any]:
+    """[fn(shard, *args)] computed by Ray tasks (results in shard order), I/O errors retried."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])(
+        _map_task
+    )
+    fn_ref = ray.put(fn)
+    arg_refs = [ray.put(a) for a in args]
+    refs = [remote.remote(fn_ref, s, *arg_refs) for s in shards]
+    return ray.get(refs)
+
+
+def _map_task(fn: Callable[..., Any], shard: Any, *args: Any) -> Any:
+    return with_io_retries(lambda: fn(shard, *args), str(shard))
+
+
+def _start_actors(actors: list[Any], options: dict[str, Any], timeout: float) -> None:
+    """Wait until every actor is placed and set up; raise a ValueError saying why not."""
+    import ray
+
+    refs = [a.setup.remote() for a in actors]
+    ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if waiting:
+        raise ValueError(
+            f"{len(waiting)} of {len(actors)} actor(s) with {options} could not start within "
+            f"{timeout:.0f} s; the cluster has {ray.cluster_resources()} "
+            f"({ray.available_resources()} free)"
+        )
+    for err in ray.get(ready):
+        if isinstance(err, str):
+            raise ValueError(err)
+
+
+class _StageActor:
+    """Ray actor body around a stage: `setup` reports a failure as its message, not a crash."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+
+    def setup(self) -> str | None:
+        try:
+            self.stage.setup()
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported to the driver
+            return f"{self.stage.name}: {type(exc).__name__}: {exc}"
+        return None
+
+    def process(self, chunk: Any) -> Any:
+        return self.stage.process(chunk)
+
+
+def _is_large(obj: Any) -> bool:
+    """Arguments shipped once through the object store instead of with every task."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes > 1 << 16
+    return isinstance(obj, (dict, list, tuple)) and len(obj) > 16
+
+
+class Progress:
+    """A tqdm bar of finished shards with the rows written and rows/s (or nothing when off)."""
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool) -> None:
+        self.rows, self.start, self.bar = 0, time.time(), None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc=f"{name:>8}", unit="shard", dynamic_ncols=True
+            )
+
+    def shard_done(self, stats: dict[str, Any]) -> None:
+        c = stats.get("counts", {})
+        self.rows += int(c.get("rows_written", c.get("pairs", 0)))
+        if self.bar is not None:
+            self.bar.update(1)
+            rate = self.rows / max(time.time() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"rows={self.rows:,} rows/s={rate:,.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_actor_stage(
+    stage: Stage,
+    shards: Sequence[Shard],
+    stage_dir: str,
+    *,
+    split: Callable[..., Iterator[Any]],
+    split_args: tuple,
+    num_actors: int,
+    finish: Callable[[Shard, str, list[Any]], dict[str, Any]],
+    fp: dict[str, Any],
+    overwrite: bool = False,
+    shards_in_flight: int | None = None,
+    actor_queue: int = 2,
+    start_timeout: float = 600,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Map `stage` over shards with CPU producer tasks feeding a pool of (GPU) actors.
+
+    For each shard not yet done, `split(shard, *split_args)` runs as a Ray streaming-generator
+    task (CPU: read + decode) and yields chunks; each chunk goes to the least-loaded of
+    `num_actors` actors holding the stage (placed with `stage.resources`) as
+    `stage.process(chunk)`. Each actor has up to `actor_queue` chunks queued, so while it
+    computes one the next is already decoded and on its way (prefetch); generators pause when
+    the actors are full (bounded memory). When a shard's chunks are all processed,
+    `finish(shard, stage_dir, results_in_chunk_order)` runs in the driver and writes the part
+    and the marker. Output depends only on the chunks, never on which actor ran them.
+
+    Before any chunk is sent, every actor must be placed and set up within `start_timeout`
+    seconds; else a ValueError says why (e.g. a checkpoint that does not fit, or resources the
+    cluster lacks).
+    """
+    import ray
+
+    done, todo = done_and_todo(stage_dir, shards, fp, overwrite)
+    if not todo:
+        return {s.name: done[s.name] for s in shards}
+    res = stage.resources
+    options: dict[str, Any] = {"num_cpus": res.cpus}
+    if res.gpus:
+        options["num_gpus"] = res.gpus
+    actor = ray.remote(max_restarts=1, max_task_retries=3)(_StageActor)
+    actors = [actor.options(**options).remote(stage) for _ in range(num_actors)]
+    try:
+        _start_actors(actors, options, start_timeout)
+    except BaseException:
+        for a in actors:
+            ray.kill(a)
+        raise
+    # I/O errors (a storage read failing) are retried: the shard is redone, never half-marked.
+    producer = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])(split)
+    limit = shards_in_flight or max(2, num_actors + 1)
+    bar = Progress(stage.name, len(shards), len(done), enabled=progress)
+    queue = collections.deque(todo)
+    gens: dict[Any, Shard] = {}  # live generators
+    next_index: dict[str, int] = {}
+    split_done: set[str] = set()
+    results: dict[str, dict[int, Any]] = {}
+    pending: dict[Any, tuple[Shard, int, int]] = {}  # result ref -> (shard, chunk, actor)
+    load = [0] * num_actors
+    try:
+        while queue or gens or pending:
+            while queue and len(gens) + len(split_done) < limit:
+                s = queue.popleft()
+                g = producer.options(_generator_backpressure_num_objects=actor_queue + 1).remote(
+                    s, *split_args
+                )
+                gens[g] = s
+                next_index[s.name], results[s.name] = 0, {}
+            can_feed = min(load) < actor_queue
+            waitable = list(pending) + (list(gens) if can_feed else [])
+            ready, _ = ray.wait(waitable, num_returns=1)
+            for r in ready:
+                if r in gens:
+                    s = gens[r]
+                    try:
+                        chunk_ref = next(r)
+                    except StopIteration:
+                        del gens[r]
+                        split_done.add(s.name)
+                    else:
+                        a = min(range(num_actors), key=load.__getitem__)
+                        load[a] += 1
+                        i = next_index[s.name]
+                        next_index[s.name] = i + 1
+                        pending[actors[a].process.remote(chunk_ref)] = (s, i, a)
+                else:
+                    s, i, a = pending.pop(r)
+                    load[a] -= 1
+                    results[s.name][i] = ray.get(r)
+                if s.name in split_done and len(results[s.name]) == next_index[s.name]:
+                    ordered = [results[s.name][i] for i in range(next_index[s.name])]
+                    stats = finish(s, stage_dir, ordered)
+                    done[s.name] = stats
+                    split_done.discard(s.name)
+                    del results[s.name]
+                    bar.shard_done(stats)
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    return {s.name: done[s.name] for s in shards}

@@ -1,0 +1,163 @@
+"""`curation filter`: DataComp baselines and their combinations over a pool, on Ray, resumable.
+
+Input: a DataComp-layout pool (Parquet + `.npz` embeddings) or our scored output (Parquet parts
+with `clip_score` and `fixed_size_list` embedding columns); `datacomp.read_shard` reads either.
+Pass 1 (only for filters with a global parameter, e.g. top 30% by CLIP score) reads each shard's
+score column in a Ray task; the driver fits the global threshold (the barrier). Pass 2 runs the
+filter stage (`stages.filters.apply.FilterStage`) over every shard. Then DataComp's uid file
+`OUT/uids.npy` (sorted `u8,u8`) is written from the kept parts, when every kept uid is 32 hex
+digits (else the manifest says why it is absent), and `OUT/manifest.json`.
+
+Composition (`filters.AllOf` / `AnyOf`, a job spec's `filters: {combine, steps}`): every step
+is scored and fitted on the same input rows (a top fraction is of the whole input, as in
+DataComp's `image_based_intersect_clip_score`); `and` keeps a row every step keeps, `or` a row
+some step keeps. In a job (`flows.pool`), MetaCLIP balancing runs before the filter stage
+(filters then read the balanced rows, and fit on them) or after it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from curation.core import fsio
+from curation.core.accounting import public, summarize
+from curation.core.fingerprint import assets_fingerprint, inputs_fingerprint, versions
+from curation.core.stage import Shard
+from curation.executor.runner import map_shards, run_stage
+from curation.io import datacomp
+from curation.io.parts import part_url, read_part, shard_names
+from curation.stages.filters.apply import FilterStage
+from curation.stages.filters.base import Filter
+
+
+def pool_shards(urls: Sequence[str]) -> list[Shard]:
+    """Shards of a pool; a scored folder's `part-X.parquet` is shard `X` (not `part-X`)."""
+    shards = shard_names(urls)
+    stripped = [Shard(name=s.name.removeprefix("part-") or s.name, input=s.input) for s in shards]
+    names = [s.name for s in stripped]
+    return stripped if len(set(names)) == len(names) else shards
+
+
+def filter_assets(steps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The files filter steps read (centroids, target embeddings, LID models), from their
+    job-spec parameters: their contents go into the stage fingerprint."""
+    assets: list[str] = []
+    for params in steps:
+        assets += [params[k] for k in ("centroids", "lid_model") if k in params]
+        assets += list(params.get("target_embeddings", []))
+    return assets
+
+
+def _fit_scores(shard: Shard, stage: FilterStage) -> dict:
+    return stage.fit_scores(shard)
+
+
+def check_pool(filt: Filter, url: str, extra: Sequence[str] = ()) -> None:
+    """Fail before any work when the pool shard `url` lacks what `filt` (or `extra`) reads."""
+    emb = list(filt.embedding_columns)
+    cols = [c for c in dict.fromkeys(["uid", *extra, *filt.columns]) if c not in emb]
+    datacomp.check_shard_columns(url, cols, emb, who=filt.name)
+
+
+def filter_stage(
+    filt: Filter,
+    shards: Sequence[Shard],
+    stage_dir: str,
+    *,
+    fp: dict[str, Any],
+    pool_urls: Mapping[str, str] | None = None,
+    row_index: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit (pass 1, when needed) and apply `filt` to `shards` into `stage_dir`; the summary.
+
+    `fp` is the stage fingerprint (the fitted parameters are added to it).
+    """
+    filt.prepare()
+    if filt.needs_fit:
+        filt.fit(map_shards(_fit_scores, shards, FilterStage(filt, pool_urls, row_index)))
+    fit = filt.fitted()
+    markers = run_stage(
+        FilterStage(filt, pool_urls, row_index),
+        shards,
+        stage_dir,
+        fp={**fp, "fit": fit},
+        overwrite=overwrite,
+        progress=progress,
+    )
+    summary = summarize("filter", markers)
+    summary["combine"] = filt.combine
+    summary["steps"] = _sum_steps(markers)
+    summary["fit"] = fit
+    summary["_markers"] = markers
+    return summary
+
+
+def _sum_steps(markers: Mapping[str, dict]) -> list[dict[str, Any]]:
+    total: dict[str, Counter] = {}
+    for m in markers.values():
+        for step in m.get("steps", []):
+            c = total.setdefault(step["name"], Counter())
+            c.update({k: v for k, v in step.items() if k != "name"})
+    return [{"name": name, **dict(sorted(c.items()))} for name, c in total.items()]
+
+
+def write_uid_file(out: str, stage_dir: str, shards: Sequence[Shard]) -> dict[str, Any]:
+    """DataComp's uid file `OUT/uids.npy` from the kept parts, or why it was not written."""
+    cols = [read_part(part_url(stage_dir, s.name), columns=["uid"]).column("uid") for s in shards]
+    uids = pa.chunked_array([c for col in cols for c in col.chunks], type=pa.string())
+    problem = datacomp.uid_file_problem(uids, where=stage_dir)
+    url = fsio.join(out, "uids.npy")
+    if problem is not None:
+        fs, path = fsio.url_to_fs(url)
+        if fs.exists(path):  # a uid file of an earlier run would not match these parts
+            fs.rm(path)
+        return {"uids": None, "uid_count": None, "uid_file_skipped": problem}
+    return {"uids": url, "uid_count": datacomp.save_uids(url, uids)}
+
+
+def run_filter(
+    filt: Filter,
+    inputs: Sequence[str],
+    out: str,
+    *,
+    params: dict[str, Any],
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `filt` over the pool shards `inputs` into `out`; returns the summary.
+
+    Checks before any work that the first shard has every column and embedding the filter
+    reads. `params` are the job-spec parameters (`baseline` + the step's); the files they
+    name go into the fingerprint by content.
+    """
+    urls = datacomp.list_shards(list(inputs))
+    if not urls:
+        raise FileNotFoundError(f"no .parquet shards in {list(inputs)}")
+    check_pool(filt, urls[0])
+    shards = pool_shards(urls)
+    fp = {
+        "stage": "filter",
+        "params": params,
+        "assets": assets_fingerprint(filter_assets([params])),
+        "inputs": inputs_fingerprint([s.input for s in shards]),
+    }
+    summary = filter_stage(filt, shards, out, fp=fp, overwrite=overwrite, progress=progress)
+    summary.pop("_markers")
+    uid_info = write_uid_file(out, out, shards)
+    manifest = {
+        "stage": "filter",
+        "params": params,
+        "fit": summary["fit"],
+        "versions": versions(),
+        "summary": public(summary),
+        "outputs": {"subset": out, **uid_info},
+    }
+    fsio.atomic_write_json(fsio.join(out, "manifest.json"), manifest)
+    summary.update(uid_info)
+    return summary

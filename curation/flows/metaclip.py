@@ -1,0 +1,408 @@
+"""The MetaCLIP flow: (synth →) ingest → match → count → balance → report, and its steps as
+standalone commands.
+
+Each function plans one stage on the driver (inputs, fingerprint, checks before any work) and
+hands the stage object to the executor; the driver never holds a column of the pool. Counting is
+the barrier: per-shard entry counts are summed by tasks before balancing starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.core import fsio
+from curation.core.accounting import summarize, write_quarantine, write_stage_manifest
+from curation.core.fingerprint import (
+    content_inputs,
+    fingerprint,
+    inputs_fingerprint,
+    versions,
+)
+from curation.core.metadata import load_metadata
+from curation.core.stage import Shard
+from curation.executor.runner import run_stage, run_tasks, sum_over_shards
+from curation.io.parts import STAGE_FILE, parts_of, read_part, shard_names, write_marker
+from curation.io.report import write_report
+from curation.stages.balance import Balancer, count_entries, entry_probabilities, p_to_t, t_to_p
+from curation.stages.ingest import INPUT_SUFFIXES, Ingestor, detect_format
+from curation.stages.match import MatchStage
+
+
+def synth_task(shard: Shard, stage_dir: str, params: dict) -> dict:
+    """Write one synthetic WAT shard (the input of a `synth:` job) and its marker."""
+    from curation.synth.wat import generate_shard
+
+    index = int(shard.name.rsplit("-", 1)[-1])
+    data, truth = generate_shard(
+        params["seed"], index, params["pairs_per_shard"], malformed_rate=params["malformed_rate"]
+    )
+    fsio.atomic_write_bytes(shard.input, data)
+    stats = {
+        "shard": shard.name,
+        "input": shard.input,
+        "counts": {"pairs": truth.pairs},
+        "malformed": dict(truth.malformed),
+    }
+    write_marker(stage_dir, shard.name, stats)
+    return stats
+
+
+def ingest(
+    inputs: Sequence[str],
+    out: str,
+    *,
+    max_text_chars: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+    stage_dir: str | None = None,
+) -> dict:
+    """Ingest input shards into `stage_dir or out` (one part per shard). Returns the summary."""
+    stage = Ingestor(max_text_chars=max_text_chars)  # validates parameters before any work
+    urls = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES, allow_missing=True)
+    if not any(fsio.exists(u) for u in urls):
+        raise FileNotFoundError(f"none of the inputs exist: {', '.join(urls[:5])}")
+    for u in urls:
+        detect_format(u)  # an unknown format fails before any work starts
+    params = {"max_text_chars": max_text_chars}
+    fp = {"stage": "ingest", "params": params, "inputs": inputs_fingerprint(urls, out)}
+    markers = run_stage(
+        stage, shard_names(urls), stage_dir or out, fp=fp, overwrite=overwrite, progress=progress
+    )
+    summary = summarize("ingest", markers)
+    summary["inputs"] = [
+        {"url": m["input"], "bytes": m.get("input_bytes"), "sha256": m.get("input_sha256")}
+        for m in markers.values()
+    ]
+    summary["input_bytes"] = sum(m.get("input_bytes") or 0 for m in markers.values())
+    summary["per_shard"] = {name: m["counts"] for name, m in markers.items()}
+    summary["_markers"] = markers
+    return summary
+
+
+def match(
+    inp: str | Sequence[Shard],
+    metadata: str,
+    stage_dir: str,
+    *,
+    engine: str = "auto",
+    script_aware: bool = False,
+    row_index: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    upstream: str = "",
+) -> dict:
+    """Match every part of `inp` (a folder, or shards) against `metadata` into `stage_dir`.
+
+    `upstream` fingerprints the stage before it in a job (its outputs' identity); a standalone
+    run fingerprints its input files instead.
+    """
+    shards = parts_of(inp) if isinstance(inp, str) else list(inp)
+    md = load_metadata(metadata)
+    stage = MatchStage(metadata, md.checksum, engine, script_aware, row_index=row_index)
+    params = {
+        "metadata": metadata,
+        "checksum": md.checksum,
+        "engine": engine,
+        "script_aware": script_aware,
+        **({"row_index": row_index} if row_index else {}),
+    }
+    fp = {
+        "stage": "match",
+        "params": params,
+        "upstream": upstream,
+        "inputs": [] if upstream else inputs_fingerprint([s.input for s in shards]),
+    }
+    markers = run_stage(
+        stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress
+    )
+    summary = summarize("match", markers)
+    summary["metadata"] = {"path": metadata, "entries": len(md), "checksum": md.checksum}
+    summary["_markers"] = markers
+    return summary
+
+
+def match_metadata(matched: str, metadata: str | None) -> str:
+    """The metadata file `matched` was produced with; `metadata`, when given, must agree."""
+    stage_file = fsio.join(matched, STAGE_FILE)
+    recorded = fsio.read_json(stage_file)["params"] if fsio.exists(stage_file) else None
+    if metadata is None:
+        if recorded is None:
+            raise ValueError(f"{matched} has no {STAGE_FILE}; pass the metadata file with -m")
+        return recorded["metadata"]
+    if recorded is not None and load_metadata(metadata).checksum != recorded["checksum"]:
+        raise ValueError(
+            f"{metadata} is not the metadata {matched} was matched with "
+            f"({recorded['metadata']}, {recorded['checksum']}); entry ids would not line up"
+        )
+    return metadata
+
+
+class _PartCounter:
+    """Entry counts of one part (a picklable function for `sum_over_shards`)."""
+
+    def __init__(self, num_entries: int) -> None:
+        self.num_entries = num_entries
+
+    def __call__(self, url: str) -> np.ndarray:
+        ids = read_part(url, columns=["entry_ids"]).column("entry_ids")
+        return count_entries(ids, self.num_entries)
+
+
+def count(inp: str, metadata: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Global entry counts over every part of `inp` (the barrier before balancing)."""
+    md = load_metadata(metadata)
+    urls = [s.input for s in parts_of(inp)]
+    return sum_over_shards(_PartCounter(len(md)), urls, len(md)), md.entries
+
+
+def write_counts(counts: np.ndarray, entries: Sequence[str], path: str) -> None:
+    """`entry_counts.parquet`: entry_id, entry, count (uint64), one row per metadata entry."""
+    table = pa.table(
+        {
+            "entry_id": pa.array(np.arange(len(entries), dtype=np.uint32)),
+            "entry": pa.array(list(entries), pa.string()),
+            "count": pa.array(counts.astype(np.uint64)),
+        }
+    )
+    fsio.atomic_write_parquet(path, table)
+
+
+def read_counts(path: str) -> np.ndarray:
+    """The count column of an `entry_counts.parquet` (checked to be 0..N-1 in order)."""
+    t = pq.read_table(path, columns=["entry_id", "count"])
+    ids = t.column("entry_id").to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise ValueError(f"{path}: entry_id must be 0..N-1 in order (one row per metadata entry)")
+    return t.column("count").to_numpy().astype(np.uint64)
+
+
+def resolve_t(
+    counts: np.ndarray, t: float | None, tail_proportion: float | None
+) -> tuple[float, float]:
+    """(t, tail proportion) from exactly one of them (MetaCLIP 2's p_to_t / t_to_p)."""
+    if (t is None) == (tail_proportion is None):
+        raise ValueError("give exactly one of t or tail_proportion")
+    if t is None:
+        t = float(p_to_t(counts, tail_proportion))
+    return float(t), t_to_p(counts, t)
+
+
+def balance(
+    inp: str,
+    counts: np.ndarray,
+    stage_dir: str,
+    *,
+    t: float,
+    seed: int,
+    overwrite: bool = False,
+    progress: bool = True,
+    upstream: str = "",
+) -> dict:
+    """Keep rows of every part of `inp` by MetaCLIP's rule with the global `counts`."""
+    stage = Balancer(entry_probabilities(counts, t), seed)
+    shards = parts_of(inp)
+    fp = {
+        "stage": "balance",
+        "t": t,
+        "seed": seed,
+        "upstream": upstream,
+        "counts": fingerprint(counts.tolist()),
+        "inputs": [] if upstream else inputs_fingerprint([s.input for s in shards]),
+    }
+    markers = run_stage(stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress)
+    summary = summarize("balance", markers)
+    summary["_markers"] = markers
+    return summary
+
+
+def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run a whole job: (synth →) ingest → match → count → balance → report → manifest.json.
+
+    Every stage resumes from its completion markers; a changed spec refuses to reuse old parts
+    unless `overwrite`. The manifest holds no timestamps, so same inputs ⇒ same bytes. A job on
+    `input.pool` runs `flows.pool.run_pool_job` instead.
+    """
+    if spec.pool:
+        from curation.flows.pool import run_pool_job
+
+        return run_pool_job(spec, out, overwrite=overwrite, progress=progress)
+
+    load_metadata(spec.metadata)  # fail before any work if the metadata is bad
+    inputs = list(spec.paths)
+    manifest: dict[str, Any] = {"job": spec.to_dict(), "versions": versions(), "stages": {}}
+    stage_markers: list[dict[str, dict]] = []
+    if spec.synth is not None:
+        from curation.synth.wat import shard_file_name
+
+        s = spec.synth
+        sdir = fsio.join(out, "input")
+        shards = [
+            Shard(name=f"synth-{i:05d}", input=fsio.join(sdir, shard_file_name(i)))
+            for i in range(s.shards)
+        ]
+        params = {
+            "seed": s.seed,
+            "pairs_per_shard": s.pairs_per_shard,
+            "malformed_rate": s.malformed_rate,
+        }
+        markers = run_tasks(
+            "synth",
+            sdir,
+            shards,
+            synth_task,
+            (params,),
+            fp={"stage": "synth", "params": params, "shards": s.shards},
+            overwrite=overwrite,
+            progress=progress,
+        )
+        manifest["stages"]["synth"] = {
+            "shards": len(markers),
+            "pairs": sum(m["counts"]["pairs"] for m in markers.values()),
+        }
+        inputs = [sh.input for sh in shards]
+    else:
+        inputs = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES, allow_missing=True)
+
+    ing = ingest(
+        inputs,
+        out,
+        max_text_chars=spec.max_text_chars,
+        overwrite=overwrite,
+        progress=progress,
+        stage_dir=fsio.join(out, "ingest"),
+    )
+    stage_markers.append(ing.pop("_markers"))
+    manifest["inputs"] = ing.pop("inputs")
+    manifest["stages"]["ingest"] = ing
+    up = fingerprint({"ingest": ing["counters"], "inputs": content_inputs(manifest["inputs"])})
+
+    mt = match(
+        fsio.join(out, "ingest"),
+        spec.metadata,
+        fsio.join(out, "match"),
+        engine=spec.engine,
+        script_aware=spec.script_aware,
+        overwrite=overwrite,
+        progress=progress,
+        upstream=up,
+    )
+    manifest["flow"] = ["ingest"]
+    count_and_balance(
+        spec, out, mt, up, manifest, stage_markers, overwrite=overwrite, progress=progress
+    )
+    manifest["quarantined"] = write_quarantine(out, stage_markers)
+    manifest["outputs"] = {
+        "curated": fsio.join(out, "balance"),
+        "counts": fsio.join(out, "counts", "entry_counts.parquet"),
+        "report": fsio.join(out, "report"),
+        "quarantine": fsio.join(out, "quarantine.jsonl"),
+    }
+    fsio.atomic_write_json(fsio.join(out, "manifest.json"), manifest)
+    return manifest
+
+
+def count_and_balance(
+    spec: Any,
+    out: str,
+    mt: dict,
+    up: str,
+    manifest: dict[str, Any],
+    stage_markers: list[dict[str, dict]],
+    *,
+    overwrite: bool,
+    progress: bool,
+) -> str:
+    """count → balance → report after a match stage (both job kinds); the next upstream."""
+    stage_markers.append(mt.pop("_markers"))
+    manifest["metadata"] = mt.pop("metadata")
+    manifest["stages"]["match"] = mt
+    before, entries = count(fsio.join(out, "match"), spec.metadata)
+    write_counts(before, entries, fsio.join(out, "counts", "entry_counts.parquet"))
+    t, p = resolve_t(before, spec.t, spec.tail_proportion)
+    manifest["balance"] = {
+        "t": t,
+        "tail_proportion": p,
+        "seed": spec.seed,
+        "t_given": spec.t is not None,
+        "when": spec.balance_when,
+    }
+    manifest["stages"]["count"] = {
+        "entries": len(entries),
+        "matches": int(before.sum()),
+        "entries_matched": int((before > 0).sum()),
+    }
+    up = fingerprint({"match": mt["counters"], "up": up})
+    bl = balance(
+        fsio.join(out, "match"),
+        before,
+        fsio.join(out, "balance"),
+        t=t,
+        seed=spec.seed,
+        overwrite=overwrite,
+        progress=progress,
+        upstream=up,
+    )
+    stage_markers.append(bl.pop("_markers"))
+    manifest["stages"]["balance"] = bl
+    after, _ = count(fsio.join(out, "balance"), spec.metadata)
+    write_counts(after, entries, fsio.join(out, "counts", "entry_counts_balanced.parquet"))
+    report = write_report(out, before, after, entries, t, p)
+    manifest["report"] = {"head_tail_before": report["before"], "head_tail_after": report["after"]}
+    manifest["flow"] += ["match", "count", "balance"]
+    return fingerprint({"balance": bl["counters"], "up": up})
+
+
+# -- standalone commands: each writes its stage's manifest (and quarantine) ---------------------
+def ingest_command(inputs: Sequence[str], out: str, **kwargs: Any) -> dict:
+    """`curation ingest`: the stage, then `OUT/quarantine.jsonl` and `OUT/manifest.json`."""
+    summary = ingest(inputs, out, **kwargs)
+    quarantined = write_quarantine(out, [summary.pop("_markers")])
+    write_stage_manifest(out, "ingest", summary, quarantined=quarantined)
+    summary["quarantined"] = quarantined
+    return summary
+
+
+def match_command(inp: str, metadata: str, out: str, **kwargs: Any) -> dict:
+    """`curation match`: the stage, then `OUT/manifest.json`."""
+    summary = match(inp, metadata, out, **kwargs)
+    summary.pop("_markers")
+    write_stage_manifest(
+        out, "match", summary, engine=kwargs.get("engine", "auto"),
+        script_aware=kwargs.get("script_aware", False),
+    )  # fmt: skip
+    return summary
+
+
+def count_command(matched: str, metadata: str | None, out_path: str) -> tuple[np.ndarray, int]:
+    """`curation count`: global counts of MATCHED (its recorded metadata) into COUNTS.parquet."""
+    metadata = match_metadata(matched, metadata)
+    counts, entries = count(matched, metadata)
+    write_counts(counts, entries, out_path)
+    return counts, len(entries)
+
+
+def balance_command(
+    matched: str,
+    counts_path: str,
+    out: str,
+    *,
+    t: float | None,
+    tail_proportion: float | None,
+    seed: int,
+    **kwargs: Any,
+) -> dict:
+    """`curation balance`: resolve t from the counts file, run the stage, write the manifest."""
+    counts = read_counts(counts_path)
+    t, p = resolve_t(counts, t, tail_proportion)
+    summary = balance(matched, counts, out, t=t, seed=seed, **kwargs)
+    summary.pop("_markers")
+    write_stage_manifest(
+        out, "balance", summary, t=t, tail_proportion=p, seed=seed, counts=counts_path
+    )
+    summary.update(t=t, tail_proportion=p)
+    return summary

@@ -1,0 +1,236 @@
+"""DataComp's image-based baseline: k-means clusters of image embeddings near a target set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from curation.io import datacomp
+from curation.stages.filters.base import (
+    Filter,
+    LanguageFn,
+    Scores,
+    caption_char_count,
+    fasttext_token_count,
+)
+from curation.stages.filters.language import LanguageId
+
+# --------------------------------------------------------------------------------------------
+# Image-based clustering
+
+
+def assign_centroids(
+    embeddings: np.ndarray, centroids: np.ndarray, rule: str = "ip", batch_size: int = 4096
+) -> np.ndarray:
+    """Index of each embedding's centroid, in batches (float32).
+
+    `rule="ip"` is DataComp's rule (`get_centroid_ids_gpu` in `apply_filter.py`,
+    `get_cluster_labels` in `utils.py`): `argmax_j <x, c_j>` with neither side normalized,
+    although the centroids come from L2 k-means. `rule="l2"` is the nearest centroid in L2
+    (`argmax_j <x, c_j> - |c_j|^2 / 2`), k-means' own rule. Ties go to the lowest index.
+    """
+    if rule not in ("ip", "l2"):
+        raise ValueError(f"rule must be 'ip' or 'l2', got {rule!r}")
+    x = np.asarray(embeddings, dtype=np.float32)
+    c = np.asarray(centroids, dtype=np.float32)
+    if x.ndim != 2 or c.ndim != 2 or x.shape[1] != c.shape[1]:
+        raise ValueError(f"embeddings {x.shape} and centroids {c.shape} must be (n, d) and (k, d)")
+    bias = -0.5 * np.einsum("ij,ij->i", c, c) if rule == "l2" else None
+    out = np.empty(len(x), dtype=np.int64)
+    ct = np.ascontiguousarray(c.T)
+    for i in range(0, len(x), batch_size):
+        sim = x[i : i + batch_size] @ ct
+        if bias is not None:
+            sim += bias
+        out[i : i + batch_size] = np.argmax(sim, axis=1)
+    return out
+
+
+def target_centroid_ids(
+    target_embeddings: np.ndarray | Sequence[np.ndarray], centroids: np.ndarray, rule: str = "ip"
+) -> np.ndarray:
+    """Sorted unique centroid ids of the target set (DataComp: ImageNet-1k L/14 image features).
+
+    Mirrors `torch.unique(get_centroid_ids_gpu(target_embedding, pool_centroids, ...))` in
+    `load_uids_with_image_filter`; several arrays (e.g. one per embedding file) are stacked.
+    """
+    if not isinstance(target_embeddings, np.ndarray):
+        target_embeddings = np.concatenate([np.asarray(t) for t in target_embeddings])
+    return np.unique(assign_centroids(target_embeddings, centroids, rule))
+
+
+def sample_rows(n: int, ratio: float | None, seed: int, shard_index: int = 0) -> np.ndarray:
+    """Row indices of one shard drawn for k-means training; all rows when `ratio` is None.
+
+    DataComp (`load_embedding_helper` in `image_based_clustering.py`) draws
+    `int(n * ratio)` rows with replacement via `np.random.choice`; so does this, but from a
+    generator seeded by `(seed, shard_index)`, so the sample does not depend on worker order.
+    """
+    if ratio is None or ratio <= 0:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, shard_index])
+    return rng.choice(n, size=int(n * ratio), replace=True) if n else np.arange(0)
+
+
+def train_centroids(
+    embeddings: np.ndarray, num_clusters: int, seed: int = 0, niter: int = 20, gpu: bool = False
+) -> np.ndarray:
+    """k-means centroids `(num_clusters, d)` float32 with faiss, as DataComp trains them.
+
+    Mirrors `train_kmeans` in `baselines/image_based_clustering.py`: `faiss.Clustering` with
+    `niter=20`, `seed`, `max_points_per_centroid=10_000_000` (no sub-sampling by faiss) and an
+    exact L2 flat index (GPU in DataComp; CPU here unless `gpu=True` and faiss has GPUs). The
+    embeddings are used as given (not normalized), cast to float32.
+    """
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("k-means needs faiss: pip install 'faiss-cpu>=1.8'") from e
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or len(x) < num_clusters:
+        raise ValueError(
+            f"need at least num_clusters={num_clusters} training embeddings, got shape {x.shape}"
+        )
+    d = x.shape[1]
+    cluster = faiss.Clustering(d, num_clusters)
+    cluster.verbose = False
+    cluster.niter = niter
+    cluster.seed = seed
+    cluster.max_points_per_centroid = 10_000_000
+    if gpu and faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU build and device
+        res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.useFloat16 = False
+        index = faiss.GpuIndexFlatL2(res, d, cfg)
+    else:
+        index = faiss.IndexFlatL2(d)
+    cluster.train(x, index)
+    return faiss.vector_float_to_array(cluster.centroids).reshape(num_clusters, d).copy()
+
+
+def caption_filter(texts: pa.Array | pa.ChunkedArray, language: LanguageFn) -> np.ndarray:
+    """DataComp's `caption_filter` (`apply_filter.py`): English, > 1 fastText token, > 5 chars."""
+    return (
+        (language(texts) == "en")
+        & (fasttext_token_count(texts) > 1)
+        & (caption_char_count(texts) > 5)
+    )
+
+
+def train_pool_centroids(
+    shard_urls: Sequence[str],
+    num_clusters: int,
+    key: str = "l14_img",
+    sample_ratio: float | None = None,
+    seed: int = 0,
+    caption_filtering: bool = True,
+    language: LanguageFn | None = None,
+    niter: int = 20,
+) -> np.ndarray:
+    """k-means centroids of a pool's image embeddings, as DataComp's clustering script does.
+
+    Mirrors `image_based_clustering.py`: per shard, the embeddings `key` of the rows passing
+    `caption_filter` (unless `caption_filtering=False`), sub-sampled by `sample_rows` when
+    `sample_ratio` is given, stacked in shard order, then `train_centroids`. All sampled rows
+    are held in memory (rows x dim x 4 bytes).
+    """
+    lang = language if language is not None else LanguageId()
+    if caption_filtering:
+        getattr(lang, "setup", lambda: None)()
+    parts = []
+    for i, url in enumerate(shard_urls):
+        table = datacomp.read_shard(url, columns=["text"], embeddings=[key])
+        emb = datacomp.embedding_matrix(table, key)
+        if caption_filtering:
+            emb = emb[caption_filter(table.column("text"), lang)]
+        parts.append(emb[sample_rows(len(emb), sample_ratio, seed, i)])
+    x = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return train_centroids(x, num_clusters, seed=seed, niter=niter)
+
+
+class ImageBasedFilter(Filter):
+    """DataComp `image_based`: caption filter, then keep rows in a target-set cluster.
+
+    Mirrors `image_filter_helper` and `caption_filter` in `apply_filter.py`: fastText English,
+    more than 1 fastText token (`len(fasttext.tokenize(text)) > 1`; note: not the basic
+    filter's `> 2` words, and each newline counts as a `</s>` token), more than 5 characters;
+    no image-size test. Each pool embedding (`key`, DataComp: `l14_img`) is assigned to a
+    centroid by `assign_centroids` (`rule`), and the row is kept when its centroid is the
+    centroid of at least one target embedding. `centroids` are the pool's k-means centroids
+    (`train_centroids`, `train_pool_centroids`); give the targets as `target_embeddings` (arrays
+    or `.npy`/`.npz` URLs, any number of files; DataComp: ImageNet-1k train L/14 image
+    features) or as precomputed `target_ids`.
+    """
+
+    name = "image_based"
+
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        target_embeddings: np.ndarray | str | Sequence[np.ndarray | str] | None = None,
+        target_ids: np.ndarray | None = None,
+        key: str = "l14_img",
+        language: LanguageFn | None = None,
+        rule: str = "ip",
+        batch_size: int = 4096,
+    ) -> None:
+        if (target_embeddings is None) == (target_ids is None):
+            raise ValueError("give exactly one of target_embeddings= or target_ids=")
+        self.centroids = np.asarray(centroids, dtype=np.float32)
+        self._target_embeddings = target_embeddings
+        self.target_ids = None if target_ids is None else np.unique(np.asarray(target_ids))
+        self.key = key
+        self.columns = ("text", key)
+        self.language = language if language is not None else LanguageId()
+        self.rule = rule
+        self.batch_size = batch_size
+
+    @property
+    def embedding_columns(self) -> tuple[str, ...]:
+        """The pool image embeddings (`key`)."""
+        return (self.key,)
+
+    def setup(self) -> None:
+        """Load the language model and map the target embeddings to centroid ids (once)."""
+        getattr(self.language, "setup", lambda: None)()
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Map the target embeddings to centroid ids (once, on the driver; drops the targets)."""
+        if self.target_ids is None:
+            targets = self._target_embeddings
+            if isinstance(targets, (str, np.ndarray)):
+                targets = [targets]
+            arrays = [
+                datacomp.load_embedding_file(t) if isinstance(t, str) else np.asarray(t)
+                for t in targets
+            ]
+            self.target_ids = target_centroid_ids(arrays, self.centroids, self.rule)
+            self._target_embeddings = None
+
+    def score(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Language, fastText token and character counts, and the centroid of each row."""
+        self._check_columns(table)
+        text = table.column("text")
+        emb = datacomp.embedding_matrix(table, self.key)
+        return {
+            "lang": self.language(text),
+            "num_tokens": fasttext_token_count(text),
+            "num_chars": caption_char_count(text),
+            "centroid": assign_centroids(emb, self.centroids, self.rule, self.batch_size),
+        }
+
+    def conditions(self, scores: Scores) -> dict[str, np.ndarray]:
+        """english, caption_words, caption_chars, target_cluster."""
+        if self.target_ids is None:
+            self.setup()
+        return {
+            "english": scores["lang"] == "en",
+            "caption_words": scores["num_tokens"] > 1,
+            "caption_chars": scores["num_chars"] > 5,
+            "target_cluster": np.isin(scores["centroid"], self.target_ids),
+        }
+
+

