@@ -867,32 +867,18 @@ def run(
       curation run jobs/metaclip_400m.yaml --address ray://head:10001
     """
     from curation.config.job import load_job
-    from curation.flows.metaclip import run_job
+    from curation.core.metadata import load_metadata
+    from curation.flows.job import job_summary, run_job
 
     spec = load_job(job_path)
     out = out_dir or spec.output
     if not out:
         raise click.UsageError(f"{job_path} has no 'output'; pass -o OUT")
-    from curation.core.metadata import load_metadata
-
     if spec.metadata is not None:  # a pool job without balance has none
         load_metadata(spec.metadata)
     _ray(address, num_cpus)
-    m = run_job(spec, out, overwrite=overwrite, progress=not quiet)
-    if spec.pool:
-        from curation.flows.pool import run_summary
-
-        click.echo("\nrun " + run_summary(m, out))
-        return
-    st = m["stages"]
-    click.echo(
-        f"\nrun {spec.name}: pairs {st['ingest']['rows_written']:,} → matched "
-        f"{st['match']['counters'].get('rows_with_match', 0):,} → curated "
-        f"{st['balance']['rows_written']:,} (t = {m['balance']['t']:,.0f}, "
-        f"p = {m['balance']['tail_proportion']:.4f}); quarantined {m['quarantined']}\n"
-        f"  curated:  {out}/balance/\n  manifest: {out}/manifest.json\n"
-        f"  report:   {out}/report/summary.md, {out}/report/entry_counts.png"
-    )
+    manifest = run_job(spec, out, overwrite=overwrite, progress=not quiet)
+    click.echo("\nrun " + job_summary(spec, manifest, out))
 
 
 @main.command()

@@ -92,5 +92,3 @@ def validate_params(baseline: str, params: Mapping[str, Any], where: str = "") -
         if key in allowed and key not in params:
             raise ValueError(f"{at}{baseline} needs '{key}' (a .npy, .npz or .pt file)")
     return out
-
-

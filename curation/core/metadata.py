@@ -3,17 +3,31 @@
 Entry ids are positions in the metadata file. The order is part of the data: it is fixed, and its
 checksum goes into every manifest, so counts and `entry_ids` are only compared across runs that
 used the same file.
+
+Metadata that ships inside the package (`curation/data/`) is named `bundled:<name>`, e.g.
+`bundled:metadata_en`: job specs and the CLI use that name instead of a path into a checkout, and
+each process (a Ray worker too) resolves it in its own installed copy (`resolve_metadata`).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import os
+from contextlib import ExitStack
 from dataclasses import dataclass
+from importlib import resources
 
 from fsspec.core import url_to_fs
 
 FORMATS = ("json", "txt", "parquet")
+
+#: Prefix of the names of metadata bundled with the package: `bundled:metadata_en`.
+BUNDLED_PREFIX = "bundled:"
+_BUNDLED_SUFFIXES = (".json", ".txt", ".parquet")
+_as_file_stack = ExitStack()  # keeps files extracted from a zipped install until exit
+atexit.register(_as_file_stack.close)
 
 
 class MetadataError(ValueError):
@@ -73,18 +87,51 @@ def validate_entries(entries: list[str], source: str, line_base: int = 1) -> Non
         first_seen[e] = line
 
 
+def bundled_metadata() -> dict[str, str]:
+    """Bundled metadata names (`bundled:<name>`) -> file names in the package's `data/` folder."""
+    data = resources.files("curation") / "data"
+    names = sorted(e.name for e in data.iterdir() if e.is_file())
+    return {n.rsplit(".", 1)[0]: n for n in names if n.endswith(_BUNDLED_SUFFIXES)}
+
+
+def resolve_metadata(path: str) -> str:
+    """A readable path or fsspec URL for `path`: `bundled:<name>` becomes the file in this
+    process's installed copy of the package; anything else is returned unchanged.
+
+    Raises `FileNotFoundError` naming the bundled files for an unknown `bundled:` name.
+    """
+    if not path.startswith(BUNDLED_PREFIX):
+        return path
+    name = path[len(BUNDLED_PREFIX) :]
+    files = bundled_metadata()
+    fname = files.get(name) or (name if name in files.values() else None)
+    if fname is None:
+        known = ", ".join(BUNDLED_PREFIX + n for n in files) or "none"
+        raise FileNotFoundError(
+            f"no bundled metadata {path!r}; the package bundles: {known} "
+            "(or give a path or URL to a metadata file)"
+        )
+    ref = resources.files("curation") / "data" / fname
+    if isinstance(ref, os.PathLike):  # a normal install or a checkout: the file itself
+        return os.fspath(ref)
+    return str(_as_file_stack.enter_context(resources.as_file(ref)))  # a zipped install
+
+
 def load_metadata(path: str, fmt: str | None = None) -> Metadata:
     """Load metadata from a MetaCLIP-style JSON list, a text file (one entry per line) or Parquet.
 
-    MetaCLIP's own `metadata.json` loads unchanged. Raises `MetadataError` for empty or duplicate
-    entries, naming the line, and `FileNotFoundError` for a missing file.
+    `path` is a path, an fsspec URL or a bundled name such as `bundled:metadata_en` (see
+    `resolve_metadata`). MetaCLIP's own `metadata.json` loads unchanged. Raises `MetadataError`
+    for empty or duplicate entries, naming the line, and `FileNotFoundError` for a missing file.
+    The checksum depends only on the entries, never on where they were read from.
     """
-    fs, fpath = url_to_fs(path)
+    url = resolve_metadata(path)
+    fs, fpath = url_to_fs(url)
     if not fs.exists(fpath):
         raise FileNotFoundError(f"metadata file {path!r} does not exist")
     with fs.open(fpath, "rb") as f:
         data = f.read()
-    fmt = fmt or _detect_format(path, data)
+    fmt = fmt or _detect_format(url, data)
     if fmt not in FORMATS:
         raise MetadataError(f"{path}: unknown metadata format {fmt!r}; use one of {FORMATS}")
     if fmt == "json":

@@ -58,6 +58,10 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+class TransientIOError(OSError):
+    """A storage error that persisted through a task's own retries; Ray retries the task."""
+
+
 def with_io_retries(fn: Callable[[], Any], what: str) -> Any:
     """`fn()`, retried with exponential backoff on `OSError` (a transient storage error).
 
@@ -72,7 +76,9 @@ def with_io_retries(fn: Callable[[], Any], what: str) -> Any:
             raise
         except OSError as exc:
             if attempt == IO_ATTEMPTS:
-                raise OSError(f"{what}: {type(exc).__name__}: {exc} ({attempt} attempts)") from exc
+                raise TransientIOError(
+                    f"{what}: {type(exc).__name__}: {exc} ({attempt} attempts)"
+                ) from exc
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")  # pragma: no cover
@@ -205,7 +211,7 @@ def _schedule(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_retries=TASK_RETRIES,
-        retry_exceptions=[OSError],
+        retry_exceptions=[TransientIOError],
     )(task)
     cpus = int(ray.available_resources().get("CPU", 1)) or 1
     limit = max_in_flight or max(2, 2 * cpus)
@@ -239,7 +245,7 @@ def sum_over_shards(
     """Σ fn(url) over `urls`, each computed by a Ray task, summed as results arrive."""
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])(
+    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[TransientIOError])(
         _sum_task
     )
     fn_ref = ray.put(fn)
@@ -258,7 +264,7 @@ def map_shards(fn: Callable[..., Any], shards: Sequence[Any], *args: Any) -> lis
     """[fn(shard, *args)] computed by Ray tasks (results in shard order), I/O errors retried."""
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])(
+    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[TransientIOError])(
         _map_task
     )
     fn_ref = ray.put(fn)

@@ -611,7 +611,6 @@ def fetch(
     """
     from fsspec.core import url_to_fs
 
-
     options = options or FetchOptions()
     out_fs, out_path = url_to_fs(out)
     out = fsio.full_url(out_fs, out_path)  # absolute: img2dataset and workers resolve it alike

@@ -117,9 +117,7 @@ def match(
         "upstream": upstream,
         "inputs": [] if upstream else inputs_fingerprint([s.input for s in shards]),
     }
-    markers = run_stage(
-        stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress
-    )
+    markers = run_stage(stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress)
     summary = summarize("match", markers)
     summary["metadata"] = {"path": metadata, "entries": len(md), "checksum": md.checksum}
     summary["_markers"] = markers
@@ -220,18 +218,14 @@ def balance(
     return summary
 
 
-def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run a whole job: (synth →) ingest → match → count → balance → report → manifest.json.
+def run_metaclip_job(
+    spec: Any, out: str, *, overwrite: bool = False, progress: bool = True
+) -> dict:
+    """A job on raw shards: (synth →) ingest → match → count → balance → report → manifest.
 
     Every stage resumes from its completion markers; a changed spec refuses to reuse old parts
-    unless `overwrite`. The manifest holds no timestamps, so same inputs ⇒ same bytes. A job on
-    `input.pool` runs `flows.pool.run_pool_job` instead.
+    unless `overwrite`. The manifest holds no timestamps, so same inputs ⇒ same bytes.
     """
-    if spec.pool:
-        from curation.flows.pool import run_pool_job
-
-        return run_pool_job(spec, out, overwrite=overwrite, progress=progress)
-
     load_metadata(spec.metadata)  # fail before any work if the metadata is bad
     inputs = list(spec.paths)
     manifest: dict[str, Any] = {"job": spec.to_dict(), "versions": versions(), "stages": {}}

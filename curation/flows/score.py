@@ -134,9 +134,7 @@ def score_shards(
         "device": dev,
     }
     fp = {"stage": "score", "params": params, "inputs": inputs_fingerprint(urls, out)}
-    resources = Resources(
-        cpus=options["num_cpus"], gpus=options.get("num_gpus", 0), actor=True
-    )
+    resources = Resources(cpus=options["num_cpus"], gpus=options.get("num_gpus", 0), actor=True)
     markers = run_actor_stage(
         ScoreStage(scorer, resources),
         shards,

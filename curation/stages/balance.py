@@ -1,10 +1,19 @@
 """Counting and balancing: MetaCLIP's head/tail flattening of the concept distribution.
 
-A row with matched entries E is kept with probability 1 - prod_{e in E}(1 - p_e), where
-p_e = min(1, t / count_e). The randomness is a counter-based hash of (seed, uid, entry_id) →
-uniform [0, 1): the row is kept when any of its entries' draws is below p_e. That is exactly the
-probability above (draws are independent per entry), is independent of worker count, order and
-retries, and is nested: a larger t keeps a superset of rows.
+A row (one image-text pair) with matched entries E is kept with probability
+1 - prod_{e in E}(1 - p_e), where p_e = min(1, t / count_e). The randomness is a counter-based
+hash of (seed, uid, text, entry_id) → uniform [0, 1): the row is kept when any of its entries'
+draws is below p_e. That is exactly the probability above (draws are independent per entry), is
+independent of worker count, order and retries, and is nested: a larger t keeps a superset.
+
+The draws are per text, as in MetaCLIP (`metaclip1/balancing.py` draws per text of an image,
+`metaclip1/indexing/balance_sampling.py` per (entry, text) of its inverted index): two texts of
+one image (its alt and its title, or the same image on many pages) are sampled independently,
+while the same (uid, text) pair seen twice gets the same draws and is kept or dropped together.
+
+The hash is fixed by this code, not by a library: MurmurHash64A (seed 0) of each string's UTF-8
+bytes, computed on whole columns 8 bytes at a time; a row's key is H(uid) xor c·H(text) (c odd),
+and its draw for entry e is SplitMix64(SplitMix64(key xor SplitMix64(seed)) + (e + 1)·φ).
 """
 
 from __future__ import annotations
@@ -16,9 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MURMUR_M = np.uint64(0xC6A4A7935BD1E995)
+_MURMUR_R = np.uint64(47)
+# keeps the low `i` bytes of a little-endian word: the tail of a string that ends inside it
+_TAIL_MASKS = np.array([(1 << (8 * i)) - 1 for i in range(8)], dtype=np.uint64)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -31,38 +42,104 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """FNV-1a 64 over each string's UTF-8 bytes, then SplitMix64: a hash fixed by this code.
+    """MurmurHash64A (seed 0) of each string's UTF-8 bytes: a 64-bit hash fixed by this code.
 
-    Vectorized over the column (one NumPy pass per byte position, not per row), and independent
-    of library versions, so sampling decisions are reproducible across installs. Nulls hash as "".
+    Vectorized over the column 8 bytes at a time (one NumPy pass per 8-byte word position over
+    the strings still that long, not per row), and independent of library versions, so sampling
+    decisions are reproducible across installs. Nulls hash as "".
     """
     if isinstance(strings, pa.ChunkedArray):
-        strings = strings.combine_chunks()
+        strings = (
+            strings.combine_chunks() if strings.num_chunks else pa.array([], pa.large_string())
+        )
     strings = pc.fill_null(pc.cast(strings, pa.large_string()), "")
     n = len(strings)
+    if n == 0:
+        return np.empty(0, dtype=np.uint64)
     bufs = strings.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int64)[strings.offset : strings.offset + n + 1]
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
-    starts = offsets[:-1]
-    lengths = offsets[1:] - starts
-    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    max_len = int(lengths.max()) if n else 0
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    # The bytes, zero-padded so that every 8-byte load of a string's last word stays in range.
+    buf = np.empty(hi - lo + 16, dtype=np.uint8)
+    if hi > lo:
+        buf[: hi - lo] = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi]
+    buf[hi - lo :] = 0
+    starts = offsets[:-1] - lo
+    lengths = offsets[1:] - offsets[:-1]
+    align = starts & 7
+    max_len = int(lengths.max())
     with np.errstate(over="ignore"):
-        for j in range(max_len):
-            active = np.nonzero(lengths > j)[0]
-            if len(active) == n:
-                h = (h ^ data[starts + j].astype(np.uint64)) * _FNV_PRIME
-            else:
-                h[active] = (h[active] ^ data[starts[active] + j].astype(np.uint64)) * _FNV_PRIME
-        h = (h ^ lengths.astype(np.uint64)) * _FNV_PRIME
-    return _splitmix64(h)
+        h = lengths.astype(np.uint64) * _MURMUR_M  # h = seed ^ (len * m), seed 0
+        if max_len == 0:
+            return _murmur_final(h)
+        # Rows grouped by the alignment of their start (a string's words are then whole words of
+        # one uint64 view of the bytes), longest first within a group, so that the rows still
+        # hashing at word w are a prefix and the rows ending inside word w the next segment.
+        if (align == align[0]).all() and (lengths == max_len).all():
+            order = None
+            groups = [(int(align[0]), 0, n)]
+        else:
+            span = max_len + 1
+            key = align * span + (max_len - lengths)
+            dtype = np.uint16 if 8 * span <= 1 << 16 else np.int64
+            order = np.argsort(key.astype(dtype), kind="stable")
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(align, minlength=8))])
+            groups = [(a, int(bounds[a]), int(bounds[a + 1])) for a in range(8)]
+        for a, g0, g1 in groups:
+            if g0 == g1:
+                continue
+            rows = slice(g0, g1) if order is None else order[g0:g1]
+            lens = lengths[rows]
+            base = (starts[rows] - a) >> 3
+            hg = h[rows] if order is not None else h[g0:g1]
+            words = buf[a : a + 8 * ((len(buf) - a) // 8)].view("<u8")
+            nwords = (int(lens[0]) + 7) >> 3
+            neg = -lens
+            # full[w]: rows with a whole 8-byte word at w; part[w]: rows still hashing at w
+            full = np.searchsorted(neg, -8 * np.arange(1, nwords + 1), side="right")
+            part = np.searchsorted(neg, -8 * np.arange(nwords), side="left")
+            for w in range(nwords):
+                kb, ke = int(full[w]), int(part[w])
+                if kb:
+                    k = words[base[:kb] + w]
+                    k *= _MURMUR_M
+                    k ^= k >> _MURMUR_R
+                    k *= _MURMUR_M
+                    hv = hg[:kb]
+                    hv ^= k
+                    hv *= _MURMUR_M
+                if ke > kb:
+                    tail = words[base[kb:ke] + w] & _TAIL_MASKS[lens[kb:ke] & 7]
+                    hv = hg[kb:ke]
+                    hv ^= tail
+                    hv *= _MURMUR_M
+            if order is not None:
+                h[rows] = hg
+        return _murmur_final(h)
 
 
-def uniform_draws(uid_hash: np.ndarray, entry_ids: np.ndarray, seed: int) -> np.ndarray:
-    """Uniform [0, 1) draw per (seed, uid, entry_id), elementwise; float64 with 53 random bits."""
+def _murmur_final(h: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h ^= h >> _MURMUR_R
+        h *= _MURMUR_M
+        h ^= h >> _MURMUR_R
+    return h
+
+
+def row_keys(uids: pa.Array | pa.ChunkedArray, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The sampling key of each (uid, text) row: H(uid) xor c·H(text), c odd (see the module)."""
+    with np.errstate(over="ignore"):
+        return stable_hash64(uids) ^ (stable_hash64(texts) * _GOLDEN)
+
+
+def uniform_draws(keys: np.ndarray, entry_ids: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform [0, 1) draw per (seed, key, entry_id), elementwise; float64 with 53 random bits.
+
+    `keys` are row keys (`row_keys`); the draws of one key are independent across entries.
+    """
     seed_key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
     with np.errstate(over="ignore"):
-        x = _splitmix64(uid_hash ^ seed_key)
+        x = _splitmix64(keys ^ seed_key)
         x = _splitmix64(x + (entry_ids.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 

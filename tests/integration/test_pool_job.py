@@ -27,7 +27,7 @@ from curation.stages.filters import (
 from curation.config.job import parse_job
 from curation.stages.match import Matcher
 from curation.core.metadata import load_metadata
-from curation.flows.metaclip import run_job
+from curation.flows.job import run_job
 from curation.flows.status import status
 from curation.io.parts import ResumeError
 

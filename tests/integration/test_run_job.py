@@ -20,7 +20,7 @@ import pytest
 
 from curation.config.job import parse_job
 from curation.core.metadata import load_metadata, write_metadata_json
-from curation.flows.metaclip import run_job
+from curation.flows.job import run_job
 from curation.io.parts import ResumeError
 
 from .conftest import (
@@ -325,13 +325,18 @@ def test_cli_num_cpus_1_and_2_give_identical_bytes(cli_job):
     assert sum(1 for k in digest if k.startswith("balance/part-")) == 4
 
 
+FAULTS = Path(__file__).resolve().parent.parent / "faults"
+
+
 def test_cli_worker_killed_mid_shard_gives_identical_bytes(cli_job, tmp_path):
     fault_dir = tmp_path / "faults"
     fault_dir.mkdir()
     ray_tmp = short_ray_tmp()
     try:
         proc = cli_job.run(
-            "--num-cpus", "2", env=cli_env(ray_tmp, CURATION_FAULT_DIR=str(fault_dir))
+            "--num-cpus",
+            "2",
+            env=cli_env(ray_tmp, CURATION_FAULT_DIR=str(fault_dir), PYTHONPATH=str(FAULTS)),
         )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

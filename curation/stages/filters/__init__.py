@@ -89,6 +89,7 @@ __all__ = [
     "validate_params",
 ]
 
+
 def filter_from_params(
     baseline: str, params: Mapping[str, Any], name: str | None = None, where: str = ""
 ) -> Filter:

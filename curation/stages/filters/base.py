@@ -216,5 +216,3 @@ class Filter:
                 f"{self.name}: table lacks column(s) {missing}; embeddings come from a Parquet "
                 f"column or the .npz beside the shard (datacomp.read_shard(url, embeddings=[...]))"
             )
-
-

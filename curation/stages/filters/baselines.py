@@ -209,5 +209,3 @@ class BasicFilter(Filter):
                 "min_dim": scores["min_dim"] >= self.MIN_IMAGE_DIM,
                 "aspect_ratio": scores["aspect_ratio"] <= self.MAX_ASPECT_RATIO,
             }
-
-

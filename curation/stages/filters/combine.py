@@ -124,5 +124,3 @@ class AnyOf(_Combined):
         """`any_step`: some filter keeps the row."""
         masks = [m for _, m in self.steps(scores)]
         return {"any_step": np.logical_or.reduce(masks)}
-
-

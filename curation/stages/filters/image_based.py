@@ -232,5 +232,3 @@ class ImageBasedFilter(Filter):
             "caption_chars": scores["num_chars"] > 5,
             "target_cluster": np.isin(scores["centroid"], self.target_ids),
         }
-
-

@@ -76,5 +76,3 @@ class LanguageId:
             out.extend(self._predict_labels([s + "\n" for s in batch]))
         codes = pc.replace_substring_regex(pa.array(out, pa.string()), "^__label__", "")
         return np.asarray(codes.to_numpy(zero_copy_only=False), dtype=object)
-
-

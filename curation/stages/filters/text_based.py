@@ -16,9 +16,10 @@ one-rule detachments that are lemmas, and if there are none it keeps applying th
 by level, until some level has a lemma (NLTK >= 3.9 stops after one level: 49 strings such as
 "assess" or "dosses" then get a different first synset; this module follows 3.8.1).
 
-No WordNet or NLTK at run time. `metadata/datacomp_text_based/` holds (built by
-`scripts/build_text_based_table.py` from WordNet 3.0, the version `nltk.download("wordnet")`
-gives):
+No WordNet or NLTK at run time. The package data `curation/data/datacomp_text_based/` (`DATA_DIR`,
+read with `importlib.resources`, so an installed wheel has it; `metadata/datacomp_text_based` in a
+checkout links to it) holds, built by `scripts/build_text_based_table.py` from Princeton's WordNet
+3.0 database files, the ones `nltk.download("wordnet")` gives:
 
 - `words.tsv.gz`: every lower-case string whose answer can be found without chained rules
   (a lemma, an exception form, or a lemma with one rule undone) and is "yes" -> the fast path,
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Iterable, Mapping
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +43,9 @@ import pyarrow.compute as pc
 
 from curation.stages.filters.base import _PY_WS, Filter, LanguageFn, Scores, _texts
 from curation.stages.filters.language import LanguageId
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python >= 3.11; importlib.abc before
 
 __all__ = [
     "DATA_DIR",
@@ -52,7 +58,9 @@ __all__ = [
     "split_words",
 ]
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "metadata" / "datacomp_text_based"
+#: The shipped tables: package data, found in whichever copy of the package this process imported
+#: (a `pathlib.Path` for a checkout or an installed wheel).
+DATA_DIR: Traversable = resources.files("curation") / "data" / "datacomp_text_based"
 
 POS_LIST = ("n", "v", "a", "r")
 # nltk.corpus.reader.wordnet.WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS (3.8.1)
@@ -154,7 +162,12 @@ class Morphy:
         return out
 
     @classmethod
-    def from_files(cls, lexicon: Path, exceptions: Path) -> Morphy:
+    def from_files(
+        cls, lexicon: Path | Traversable | None = None, exceptions: Path | Traversable | None = None
+    ) -> Morphy:
+        """From `lexicon.tsv.gz` and `exceptions.tsv.gz` (default: the shipped ones)."""
+        lexicon = lexicon or DATA_DIR / "lexicon.tsv.gz"
+        exceptions = exceptions or DATA_DIR / "exceptions.tsv.gz"
         first: dict[str, dict[str, int]] = {}
         for line in _read_lines(lexicon)[1:]:
             lemma, pos, offset = line.split("\t")
@@ -166,19 +179,22 @@ class Morphy:
         return cls(first, exc)
 
 
-def _read_lines(path: Path) -> list[str]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
+def _read_lines(path: Path | Traversable) -> list[str]:
+    """Lines of a UTF-8 text file, gunzipped when its name ends in `.gz` (a path or a package
+    resource: both have `read_bytes`)."""
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    return data.decode("utf-8").splitlines()
 
 
-def load_imagenet21k_ids(path: Path | None = None) -> set[int]:
+def load_imagenet21k_ids(path: Path | Traversable | None = None) -> set[int]:
     """DataComp: `[int(x.strip()[1:]) for x in open("imagenet21k_wordnet_ids.txt")]`."""
     path = path or DATA_DIR / "imagenet21k_wordnet_ids.txt"
     return {int(x.strip()[1:]) for x in _read_lines(path) if x.strip()}
 
 
-def load_word_table(path: Path | None = None) -> pa.Table:
+def load_word_table(path: Path | Traversable | None = None) -> pa.Table:
     """The shipped `words.tsv.gz`: word, pos, offset, lemma (sorted by word)."""
     lines = _read_lines(path or DATA_DIR / "words.tsv.gz")
     cols = list(zip(*(line.split("\t") for line in lines[1:]), strict=True))
@@ -206,7 +222,8 @@ class TextBasedFilter(Filter):
     `load_uids_with_text_entity_helper` + `does_contain_text_entity`).
 
     `language` is an injected `texts -> array of language codes` (default `LanguageId()`);
-    `data_dir` holds the tables (default `metadata/datacomp_text_based`).
+    `data_dir` holds the tables (default: the shipped ones, `DATA_DIR`, looked up in each
+    worker's own installed copy of the package when it loads them).
     """
 
     name = "text_based"
@@ -216,7 +233,7 @@ class TextBasedFilter(Filter):
         self, language: LanguageFn | None = None, data_dir: str | Path | None = None
     ) -> None:
         self.language = language if language is not None else LanguageId()
-        self.data_dir = Path(data_dir) if data_dir is not None else DATA_DIR
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self._words: pa.Array | None = None
         self._morphy: Morphy | None = None
         self._ids: set[int] | None = None
@@ -230,19 +247,23 @@ class TextBasedFilter(Filter):
         self._word_set()
         getattr(self.language, "setup", lambda: None)()
 
+    def _tables(self) -> Path | Traversable:
+        return self.data_dir if self.data_dir is not None else DATA_DIR
+
     def _word_set(self) -> pa.Array:
         if self._words is None:
-            words = load_word_table(self.data_dir / "words.tsv.gz").column("word")
+            words = load_word_table(self._tables() / "words.tsv.gz").column("word")
             self._words = words.combine_chunks()
         return self._words
 
     def _chain_answers(self, tokens: pa.Array) -> dict[str, bool]:
         """Exact answers for the distinct tokens that may need chained rules."""
         if self._morphy is None:
+            tables = self._tables()
             self._morphy = Morphy.from_files(
-                self.data_dir / "lexicon.tsv.gz", self.data_dir / "exceptions.tsv.gz"
+                tables / "lexicon.tsv.gz", tables / "exceptions.tsv.gz"
             )
-            self._ids = load_imagenet21k_ids(self.data_dir / "imagenet21k_wordnet_ids.txt")
+            self._ids = load_imagenet21k_ids(tables / "imagenet21k_wordnet_ids.txt")
         assert self._ids is not None
         out = {}
         for tok in tokens.to_pylist():
