@@ -17,8 +17,9 @@ from typing import Any
 from curation import __version__
 from curation.core import fsio
 
-#: fs.info keys that change when an object's content changes, in order of preference.
-_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "version_id", "VersionId")
+#: fs.info keys derived from an object's content (S3 ETag, GCS md5Hash / crc32c), preferred.
+_CONTENT_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "ContentMD5")
+#: fs.info keys holding a modification time (local mtime, S3 LastModified, GCS updated).
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
 
 
@@ -28,12 +29,32 @@ def fingerprint(obj: Any) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
-def file_identity(url: str) -> dict[str, Any] | None:
-    """Size and version (etag / generation / mtime) of a file; None when it does not exist.
+def modified_time(info: dict[str, Any]) -> float | None:
+    """An `fs.info` / `fs.ls(detail=True)` entry's modification time as POSIX seconds."""
+    for key in _MTIME_KEYS:
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (int, float)):
+            return float(v)
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+        try:
+            from datetime import datetime
 
-    Two different contents of one path (a retrained centroid file of the same size, a shard
-    rewritten in place) give different identities on every store that reports a version or
-    modification time.
+            return datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def file_identity(url: str) -> dict[str, Any] | None:
+    """Size and, where the store gives one, a content tag (ETag / md5 / crc32c) of a file;
+    None when it does not exist.
+
+    Deterministic for the same bytes, so it can go into a stage fingerprint. Where there is no
+    content tag (local disks), a file rewritten after its output was written is found by
+    modification time instead (`io.parts.done_and_todo`).
     """
     fs, path = fsio.url_to_fs(url)
     try:
@@ -41,14 +62,10 @@ def file_identity(url: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     out: dict[str, Any] = {"size": info.get("size")}
-    for key in _VERSION_KEYS:
+    for key in _CONTENT_KEYS:
         if info.get(key) is not None:
-            out["version"] = str(info[key]).strip('"')
-            return out
-    for key in _MTIME_KEYS:
-        if info.get(key) is not None:
-            out["mtime"] = str(info[key])
-            return out
+            out["etag"] = str(info[key]).strip('"')
+            break
     return out
 
 
@@ -56,13 +73,17 @@ _DIGESTS: dict[tuple[str, str], str] = {}
 
 
 def asset_digest(url: str) -> str | None:
-    """sha256 of a small asset's bytes (None when it does not exist); cached per identity."""
-    ident = file_identity(url)
-    if ident is None:
+    """sha256 of a small asset's bytes (None when it does not exist).
+
+    Cached per process by (url, size, content tag, modification time).
+    """
+    fs, path = fsio.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
         return None
-    key = (url, json.dumps(ident, sort_keys=True))
+    key = (url, json.dumps([info.get("size"), file_identity(url), modified_time(info)]))
     if key not in _DIGESTS:
-        fs, path = fsio.url_to_fs(url)
         h = hashlib.sha256()
         with fs.open(path, "rb") as f:
             while chunk := f.read(1 << 20):

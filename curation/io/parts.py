@@ -11,6 +11,7 @@ reuse old parts unless told to overwrite.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,10 @@ import pyarrow.parquet as pq
 
 from curation import __version__
 from curation.core import fsio
+from curation.core.fingerprint import modified_time
 from curation.core.stage import Shard
+
+log = logging.getLogger(__name__)
 
 MARKER_DIR = "_done"
 STAGE_FILE = "_stage.json"
@@ -160,27 +164,69 @@ def _remove_stale_temps(fs: Any, path: str) -> None:
             fs.rm(p)
 
 
-def done_markers(stage_dir: str) -> dict[str, dict[str, Any]]:
-    """Every completion marker of a stage folder, by shard name (one listing of `_done/`)."""
+def _marker_listing(stage_dir: str) -> dict[str, dict[str, Any]]:
+    """{shard name: listing entry} of the completion markers (one listing of `_done/`)."""
     fs, path = fsio.url_to_fs(fsio.join(stage_dir, MARKER_DIR))
     try:
-        listing = fs.ls(path, detail=False)
+        listing = fs.ls(path, detail=True)
     except FileNotFoundError:
         return {}
     out = {}
-    for p in sorted(listing):
-        name = p.rsplit("/", 1)[-1]
+    for entry in listing:
+        name = entry["name"].rsplit("/", 1)[-1]
         if name.endswith(".json") and ".tmp-" not in name:
-            out[name[: -len(".json")]] = fsio.read_json(fsio.full_url(fs, p))
+            out[name[: -len(".json")]] = entry
     return out
+
+
+def done_markers(stage_dir: str) -> dict[str, dict[str, Any]]:
+    """Every completion marker of a stage folder, by shard name (one listing of `_done/`)."""
+    fs, _ = fsio.url_to_fs(stage_dir)
+    return {
+        name: fsio.read_json(fsio.full_url(fs, entry["name"]))
+        for name, entry in sorted(_marker_listing(stage_dir).items())
+    }
 
 
 def done_and_todo(
     stage_dir: str, shards: Sequence[Shard], fp: dict[str, Any], overwrite: bool
 ) -> tuple[dict[str, dict[str, Any]], list[Shard]]:
-    """Prepare the stage folder; split shards into done (their markers) and still to do."""
+    """Prepare the stage folder; split shards into done (their markers) and still to do.
+
+    A shard whose input was modified after its marker was written is stale (like `make`): its
+    old part is not reused, the shard is done again (outputs are deterministic, so an input
+    rewritten with the same bytes gives the same part).
+    """
     prepare_stage_dir(stage_dir, fp, overwrite)
-    markers = done_markers(stage_dir)
-    done = {s.name: markers[s.name] for s in shards if s.name in markers}
-    todo = [s for s in shards if s.name not in markers]
+    listing = _marker_listing(stage_dir)
+    fs, _ = fsio.url_to_fs(stage_dir)
+    stale = []
+    for s in shards:
+        if s.name in listing and _newer(s.input, modified_time(listing[s.name])):
+            stale.append(s)
+    if stale:
+        names = ", ".join(s.input for s in stale[:3])
+        log.warning(
+            "%s: %d input(s) changed after their results were written (%s%s); redoing them",
+            stage_dir, len(stale), names, ", ..." if len(stale) > 3 else "",
+        )  # fmt: skip
+    stale_names = {s.name for s in stale}
+    done = {
+        s.name: fsio.read_json(fsio.full_url(fs, listing[s.name]["name"]))
+        for s in shards
+        if s.name in listing and s.name not in stale_names
+    }
+    todo = [s for s in shards if s.name not in done]
     return done, todo
+
+
+def _newer(url: str, than: float | None) -> bool:
+    """True when `url` was modified after the time `than` (unknown times: False)."""
+    if than is None:
+        return False
+    fs, path = fsio.url_to_fs(url)
+    try:
+        mtime = modified_time(fs.info(path))
+    except FileNotFoundError:
+        return False
+    return mtime is not None and mtime > than

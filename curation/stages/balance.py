@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+from curation.core.stage import Stage, StageOutput
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MURMUR_M = np.uint64(0xC6A4A7935BD1E995)
 _MURMUR_R = np.uint64(47)
@@ -91,7 +92,7 @@ def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
             rows = slice(g0, g1) if order is None else order[g0:g1]
             lens = lengths[rows]
             base = (starts[rows] - a) >> 3
-            hg = h[rows] if order is not None else h[g0:g1]
+            hg = h[rows]  # a view when the rows are a slice, a copy written back below
             words = buf[a : a + 8 * ((len(buf) - a) // 8)].view("<u8")
             nwords = (int(lens[0]) + 7) >> 3
             neg = -lens
@@ -193,8 +194,15 @@ def count_entries(entry_ids: pa.Array | pa.ChunkedArray, num_entries: int) -> np
     return np.bincount(flat.astype(np.int64), minlength=num_entries).astype(np.uint64)
 
 
-class Balancer:
-    """Keeps rows by MetaCLIP's rule, given the global entry probabilities (a CPU stage)."""
+class Balancer(Stage):
+    """Keeps rows by MetaCLIP's rule, given the global entry probabilities (a CPU stage).
+
+    `process(table)` needs the columns `uid`, `text` and `entry_ids` and returns the kept rows
+    with the counters `rows_read`, `rows_written`, `rows_dropped_no_match` and
+    `rows_dropped_not_sampled`.
+    """
+
+    name = "balance"
 
     def __init__(self, probabilities: np.ndarray, seed: int) -> None:
         self.probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -204,10 +212,13 @@ class Balancer:
         """Nothing to build: the probability vector is passed in (broadcast once)."""
 
     def keep_mask(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """(keep, has_match) boolean masks over the rows of `table` (needs uid and entry_ids)."""
-        for col in ("uid", "entry_ids"):
+        """(keep, has_match) boolean masks over the rows of `table`."""
+        for col in ("uid", "text", "entry_ids"):
             if col not in table.column_names:
-                raise ValueError(f"balance needs a {col!r} column; run `curation match` first")
+                raise ValueError(
+                    f"balance needs a {col!r} column (have {table.column_names}); "
+                    "balance the output of `curation match`"
+                )
         n = table.num_rows
         ids = (
             table.column("entry_ids").combine_chunks() if n else pa.array([], pa.list_(pa.uint32()))
@@ -219,18 +230,18 @@ class Balancer:
         has_match = np.bincount(parents, minlength=n) > 0
         if len(flat) == 0:
             return np.zeros(n, dtype=bool), has_match
-        uid_hash = stable_hash64(table.column("uid"))
-        draws = uniform_draws(uid_hash[parents], flat, self.seed)
+        keys = row_keys(table.column("uid"), table.column("text"))
+        draws = uniform_draws(keys[parents], flat, self.seed)
         hit = draws < self.probabilities[flat]
         keep = np.bincount(parents[hit], minlength=n) > 0
         return keep, has_match
 
-    def process(self, table: pa.Table) -> tuple[pa.Table, Counter]:
-        """Kept rows and counters: rows_read, rows_written, dropped_no_match, dropped_not_sampled."""
+    def process(self, table: pa.Table) -> StageOutput:
+        """The kept rows and the counters (see the class docstring); quarantines nothing."""
         keep, has_match = self.keep_mask(table)
         counts: Counter = Counter()
         counts["rows_read"] = table.num_rows
         counts["rows_written"] = int(keep.sum())
         counts["rows_dropped_no_match"] = int((~has_match).sum())
         counts["rows_dropped_not_sampled"] = int((has_match & ~keep).sum())
-        return table.filter(pa.array(keep)), counts
+        return StageOutput(table.filter(pa.array(keep)), counts, [])

@@ -27,3 +27,60 @@ if FAULT_DIR:
         return _original(shard, stage_dir, box, part_options)
 
     _runner._shard_task = _shard_task
+
+FLAKY_DIR = os.environ.get("CURATION_FLAKY_DIR")
+
+if FLAKY_DIR:
+    # `flaky://PATH` reads local files, but the first read past CURATION_FLAKY_AFTER bytes of
+    # each file raises an OSError once (across processes: a sentinel per file), as a storage
+    # blip mid-stream would. Registered in every process, so Ray workers resolve it too.
+    import hashlib
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    AFTER = int(os.environ.get("CURATION_FLAKY_AFTER", "65536"))
+
+    class _FlakyFile:
+        def __init__(self, f, path):  # noqa: ANN001
+            self._f, self._path, self._pos = f, path, 0
+
+        def read(self, n=-1):  # noqa: ANN001, ANN202
+            data = self._f.read(n)
+            self._pos += len(data)
+            if self._pos > AFTER:
+                key = hashlib.sha1(self._path.encode()).hexdigest()
+                sentinel = os.path.join(FLAKY_DIR, key)
+                if not os.path.exists(sentinel):
+                    with open(sentinel, "w") as s:
+                        s.write(self._path + "\n")
+                    raise ConnectionResetError(f"injected storage error reading {self._path}")
+            return data
+
+        def __getattr__(self, name):  # noqa: ANN001, ANN204
+            return getattr(self._f, name)
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc):  # noqa: ANN002, ANN204
+            self._f.close()
+
+    class FlakyFileSystem(LocalFileSystem):
+        protocol = "flaky"
+
+        @classmethod
+        def _strip_protocol(cls, path):  # noqa: ANN001, ANN206
+            path = str(path)
+            if path.startswith("flaky://"):
+                path = path[len("flaky://") :]
+            return LocalFileSystem._strip_protocol(path)
+
+        def unstrip_protocol(self, name):  # noqa: ANN001, ANN201
+            return "flaky://" + name
+
+        def _open(self, path, mode="rb", **kwargs):  # noqa: ANN001, ANN003, ANN202
+            f = super()._open(path, mode, **kwargs)
+            return _FlakyFile(f, path) if "r" in mode else f
+
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)

@@ -181,3 +181,44 @@ def test_shard_truncated_near_record_boundary_is_quarantined(pool, tmp_path, cut
     bad = s["_markers"][bad_name]
     reasons = {q["reason"] for q in bad["quarantine"]}
     assert reasons & {"truncated_shard", "corrupt_shard"}, (reasons, bad["counts"])
+
+
+FAULTS = Path(__file__).resolve().parent.parent / "faults"
+
+
+def test_storage_error_mid_stream_is_retried_not_quarantined(pool, ingested, tmp_path):
+    """An OSError halfway through every shard (a storage blip) is retried: all pairs arrive,
+    nothing is quarantined, and the parts equal those of an undisturbed run."""
+    from .conftest import cli_env, run_cli, short_ray_tmp
+
+    d, summary, truth = pool
+    flaky_dir = tmp_path / "flaky"
+    flaky_dir.mkdir()
+    size = min(os.path.getsize(f) for f in summary.files)
+    ray_tmp = short_ray_tmp()
+    out = tmp_path / "out"
+    env = cli_env(
+        ray_tmp,
+        PYTHONPATH=str(FAULTS),
+        CURATION_FLAKY_DIR=str(flaky_dir),
+        CURATION_FLAKY_AFTER=str(size // 2),
+        CURATION_IO_BACKOFF_S="0.01",
+    )
+    try:
+        run_cli(
+            ["ingest", *[f"flaky://{f}" for f in summary.files], "-o", out, "--quiet",
+             "--num-cpus", "2"],
+            env=env,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert len(os.listdir(flaky_dir)) == SHARDS  # every shard hit an error once
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"]["rows_written"] == truth["total_pairs"]
+    reasons = Counter(json.loads(x)["reason"] for x in (out / "quarantine.jsonl").open())
+    assert "corrupt_shard" not in reasons and "truncated_shard" not in reasons
+    ref, _ = ingested
+    for name in manifest["summary"]["per_shard"]:
+        a = pq.read_table(out / f"part-{name}.parquet").drop_columns(["source_shard"])
+        b = pq.read_table(ref / f"part-{name}.parquet").drop_columns(["source_shard"])
+        assert a.equals(b)

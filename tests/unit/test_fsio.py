@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import io
+import json
 import uuid
 
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from curation.core import fsio
 from curation.core.fsio import (
@@ -230,8 +235,6 @@ def test_atomic_write_parquet_deterministic(tmp_path):
     atomic_write_parquet(str(a), table)
     atomic_write_parquet(str(b), table)
     assert a.read_bytes() == b.read_bytes()
-    import pyarrow.parquet as pq
-
     assert pq.read_table(str(a)).equals(table)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet"]
 
@@ -243,3 +246,174 @@ def test_join_and_makedirs(tmp_path):
     fsio.makedirs(str(d))
     fsio.makedirs(str(d))
     assert d.is_dir()
+
+
+# -- atomic_open: local temp + rename, object-store direct upload, fallback ----------------------
+
+
+class RecordingUpload(AbstractBufferedFile):
+    """An object-store file as s3fs/gcsfs have them: parts go up as the buffer fills, and the
+    object appears only when the last part completes the upload on close()."""
+
+    def _initiate_upload(self):
+        self.fs.log.append(("initiate", self.path))
+        self.fs.pending[self.path] = []
+
+    def _upload_chunk(self, final=False):
+        self.fs.pending[self.path].append(self.buffer.getvalue())
+        self.fs.log.append(("part", self.path, len(self.buffer.getvalue())))
+        if final and self.autocommit:
+            self.commit()
+        return True
+
+    def commit(self):
+        self.fs.store[self.path] = b"".join(self.fs.pending.pop(self.path))
+        self.fs.log.append(("commit", self.path))
+
+    def discard(self):
+        self.fs.pending.pop(self.path, None)
+        self.fs.log.append(("discard", self.path))
+
+
+class UploadFS(AbstractFileSystem):
+    """A test object store: records uploads; copying, moving and deleting are refused."""
+
+    protocol = "uploadtest"
+    root_marker = ""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.store, self.pending, self.log = {}, {}, []
+
+    def _open(self, path, mode="rb", block_size=None, autocommit=True, **kwargs):
+        if "r" in mode:
+            return io.BytesIO(self.store[path])
+        return RecordingUpload(self, path, mode, block_size=1024, autocommit=autocommit)
+
+    def makedirs(self, path, exist_ok=False):
+        pass
+
+    def info(self, path, **kwargs):
+        if path in self.store:
+            return {"name": path, "size": len(self.store[path]), "type": "file"}
+        raise FileNotFoundError(path)
+
+    def _refuse(self, *args, **kwargs):
+        self.log.append(("refused", args))
+        raise AssertionError(f"object stores must not copy/move/delete here: {args}")
+
+    mv = copy = cp_file = rm = rm_file = _rm = rename = _refuse
+
+
+@pytest.fixture
+def upload_fs():
+    """A fresh UploadFS, the instance that `uploadtest://` URLs resolve to."""
+    fsspec.register_implementation("uploadtest", UploadFS, clobber=True)
+    UploadFS.clear_instance_cache()
+    yield fsspec.filesystem("uploadtest")
+    UploadFS.clear_instance_cache()
+
+
+def _uploaded(fs):
+    """Paths that had any upload (a part, a commit)."""
+    return {e[1] for e in fs.log if e[0] in ("initiate", "part", "commit")}
+
+
+def test_object_store_writes_the_final_name_once_without_temp_or_copy(upload_fs):
+    data = bytes(range(256)) * 20  # 5 KiB: several 1 KiB parts
+    fsio.atomic_write_bytes("uploadtest://bucket/out/f.bin", data)
+    assert upload_fs.store == {"bucket/out/f.bin": data}
+    assert _uploaded(upload_fs) == {"bucket/out/f.bin"}  # nothing under a temporary name
+    assert not [e for e in upload_fs.log if e[0] == "refused"]
+    assert [e[0] for e in upload_fs.log].count("commit") == 1
+    fsio.atomic_write_json("uploadtest://bucket/out/m.json", {"b": 1, "a": 2})
+    assert json.loads(upload_fs.store["bucket/out/m.json"]) == {"a": 2, "b": 1}
+    assert not any(".tmp-" in k for k in upload_fs.store)
+
+
+def test_object_store_streams_parquet_in_parts(upload_fs):
+    table = _numbers(5000)
+    fsio.atomic_write_parquet("uploadtest://bucket/p.parquet", table, row_group_size=500)
+    body = upload_fs.store["bucket/p.parquet"]
+    assert body == _reference_parquet(table, row_group_size=500)
+    parts = [e[2] for e in upload_fs.log if e[0] == "part"]
+    # Uploaded as it was written, not as one whole-file buffer.
+    assert len(parts) > 5 and max(parts) < len(body) / 4
+    assert _uploaded(upload_fs) == {"bucket/p.parquet"}
+    assert not [e for e in upload_fs.log if e[0] == "refused"]
+
+
+def test_object_store_failure_inside_the_block_commits_nothing(upload_fs):
+    with pytest.raises(RuntimeError, match="boom"), fsio.atomic_open("uploadtest://b/x.bin") as f:
+        f.write(b"x" * 3000)  # two parts already uploaded (an unfinished multipart upload)
+        raise RuntimeError("boom")
+    del f
+    gc.collect()  # IOBase.__del__ closes the file: that must not complete the upload either
+    assert upload_fs.store == {} and upload_fs.pending == {}
+    assert ("discard", "b/x.bin") in upload_fs.log
+    assert not [e for e in upload_fs.log if e[0] in ("commit", "refused")]
+
+
+def test_local_atomic_open_writes_a_temp_sibling_then_renames(tmp_path):
+    target = tmp_path / "d" / "f.bin"
+    with fsio.atomic_open(str(target)) as f:
+        f.write(b"new")
+        [tmp] = list(target.parent.iterdir())
+        assert tmp.name.startswith("f.bin.tmp-") and not target.exists()
+    assert target.read_bytes() == b"new" and list(target.parent.iterdir()) == [target]
+    with pytest.raises(RuntimeError), fsio.atomic_open(str(target)) as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"new" and list(target.parent.iterdir()) == [target]
+
+
+def test_memory_fs_falls_back_to_temp_and_mv_and_cleans_up_on_failure():
+    base = f"memory://fsio-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    fsio.atomic_write_bytes(f"{base}/f.bin", b"old")
+    with pytest.raises(RuntimeError), fsio.atomic_open(f"{base}/f.bin") as f:
+        f.write(b"partial")
+        [tmp] = [p for p in fs.ls(base.removeprefix("memory:/"), detail=False) if ".tmp-" in p]
+        raise RuntimeError("boom")
+    assert fs.ls(base.removeprefix("memory:/"), detail=False) == [
+        base.removeprefix("memory:/") + "/f.bin"
+    ]
+    assert fs.cat_file(f"{base}/f.bin") == b"old"
+    assert not fs.exists(tmp)
+
+
+def _numbers(n):
+    return pa.table(
+        {
+            "uid": [f"u{i}" for i in range(n)],
+            "n": pa.array(range(n), pa.int64()),
+            "ids": pa.array([[i % 7, i % 11] for i in range(n)], pa.list_(pa.uint32())),
+            "x": pa.array([i / 3 for i in range(n)], pa.float32()),
+        }
+    )
+
+
+def _reference_parquet(table, **kwargs):
+    """What atomic_write_parquet wrote when it built the whole file in memory first."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **{"compression": "zstd", **kwargs})
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"row_group_size": 300},
+        {"compression": "snappy"},
+        {"use_dictionary": False, "write_statistics": False},
+        {"compression_level": 9, "data_page_size": 4096},
+        {"chunk_size": 700},
+    ],
+)
+def test_atomic_write_parquet_bytes_equal_write_table(tmp_path, kwargs):
+    table = _numbers(2000)
+    target = tmp_path / "t.parquet"
+    atomic_write_parquet(str(target), table, **dict(kwargs))
+    assert target.read_bytes() == _reference_parquet(table, **kwargs)
+    assert pq.read_table(str(target)).equals(table)

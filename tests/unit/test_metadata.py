@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -14,8 +13,10 @@ import pytest
 
 from curation.core.metadata import (
     MetadataError,
+    bundled_metadata,
     entries_checksum,
     load_metadata,
+    resolve_metadata,
     validate_entries,
     write_metadata_json,
 )
@@ -33,7 +34,7 @@ from curation.tools.build_metadata import (
 
 REPO = Path(__file__).resolve().parents[2]
 WORDNET_MINI = REPO / "tests" / "data" / "wordnet_mini"
-SHIPPED = REPO / "metadata" / "metadata_en.json"
+SHIPPED = REPO / "curation" / "data" / "metadata_en.json"  # package data: bundled:metadata_en
 SHIPPED_README = REPO / "metadata" / "README.md"
 
 # Every lemma of every synset in the fixture, `_` -> space, markers stripped, codepoint order.
@@ -268,9 +269,40 @@ def test_shipped_metadata_matches_readme():
     assert SHIPPED.stat().st_size < 5_000_000
 
 
-def _debian_wordnet() -> str | None:
-    d = "/usr/share/wordnet"
-    return d if os.path.isfile(os.path.join(d, "data.noun")) else None
+def test_bundled_name_loads_the_shipped_file():
+    assert bundled_metadata() == {"metadata_en": "metadata_en.json"}
+    assert Path(resolve_metadata("bundled:metadata_en")) == SHIPPED
+    assert resolve_metadata("bundled:metadata_en.json") == resolve_metadata("bundled:metadata_en")
+    assert resolve_metadata("s3://b/m.json") == "s3://b/m.json"  # anything else is unchanged
+    md = load_metadata("bundled:metadata_en")
+    assert md.source == "bundled:metadata_en"
+    assert md.entries == load_metadata(str(SHIPPED)).entries
+    assert md.checksum == _readme_value("Checksum", r"`(sha256:[0-9a-f]{64})`")
+
+
+def test_unknown_bundled_name_lists_the_bundled_ones():
+    with pytest.raises(FileNotFoundError, match=r"'bundled:nope'.*bundled:metadata_en"):
+        load_metadata("bundled:nope")
+
+
+def test_repo_root_paths_link_to_the_package_data():
+    """`metadata/metadata_en.json` and `metadata/datacomp_text_based` stay valid for checkouts."""
+    for name in ("metadata_en.json", "datacomp_text_based"):
+        link = REPO / "metadata" / name
+        assert link.is_symlink(), link
+        assert link.resolve() == (REPO / "curation" / "data" / name).resolve()
+    assert load_metadata(str(REPO / "metadata" / "metadata_en.json")).entries == (
+        load_metadata("bundled:metadata_en").entries
+    )
+
+
+def test_job_specs_name_the_bundled_metadata():
+    import yaml
+
+    for spec in sorted((REPO / "jobs").glob("*.yaml")):
+        md = yaml.safe_load(spec.read_text(encoding="utf-8")).get("metadata")
+        if md is not None:
+            assert md == "bundled:metadata_en", spec.name
 
 
 def _wordfreq_version() -> str:
@@ -280,11 +312,13 @@ def _wordfreq_version() -> str:
 
 
 @pytest.mark.skipif(
-    _debian_wordnet() is None or _wordfreq_version() != "3.1.1",
-    reason="needs /usr/share/wordnet (apt-get install wordnet-base) and wordfreq 3.1.1",
+    _wordfreq_version() != "3.1.1", reason="the shipped file was built with wordfreq 3.1.1"
 )
-def test_shipped_metadata_rebuilds_byte_identical(tmp_path):
+def test_shipped_metadata_rebuilds_byte_identical(tmp_path, wordnet_dir):
+    """Princeton's WordNet 3.0 files (`make wordnet`) and wordfreq 3.1.1 rebuild it byte for
+    byte (Debian's wordnet-base gives the same lemmas, so the same file, too)."""
     out = tmp_path / "metadata_en.json"
-    info = build_default_metadata(_debian_wordnet(), str(out))
+    info = build_default_metadata(str(wordnet_dir), str(out))
     assert out.read_bytes() == SHIPPED.read_bytes()
     assert info.checksum == load_metadata(str(SHIPPED)).checksum
+    assert info.parts == {"wordnet": 148_730, "unigrams": 27_317, "numbers": 0}

@@ -21,7 +21,6 @@ from curation.stages.filters.text_based import (
     split_words,
 )
 
-WORDNET = Path("/usr/share/wordnet")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -171,18 +170,47 @@ def test_morphy_chains_rules_like_nltk_381():
 # rebuild
 
 
-@pytest.mark.skipif(not (WORDNET / "index.noun").exists(), reason="WordNet 3.0 files absent")
-def test_rebuild_is_deterministic_and_matches_shipped(tmp_path):
+def _build_script():
     spec = importlib.util.spec_from_file_location(
         "build_text_based_table", REPO / "scripts" / "build_text_based_table.py"
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--wordnet-dir", str(WORDNET), "--out-dir", str(tmp_path)])
+    return mod
+
+
+def test_rebuild_is_deterministic_and_matches_shipped(tmp_path, wordnet_dir):
+    """Princeton's WordNet 3.0 files (`make wordnet`) rebuild the shipped tables byte for byte."""
+    _build_script().main(["--wordnet-dir", str(wordnet_dir), "--out-dir", str(tmp_path)])
     for name in ["words.tsv.gz", "lexicon.tsv.gz", "exceptions.tsv.gz"]:
         built = gzip.decompress((tmp_path / name).read_bytes())
         assert built == gzip.decompress((DATA_DIR / name).read_bytes()), name
         assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
+
+
+def test_rebuild_refuses_non_princeton_offsets(tmp_path, wordnet_dir):
+    """A WordNet copy whose verb synsets lie at other byte offsets (Debian's wordnet-base is
+    regenerated from the lexicographer files) would give other ImageNet-21k collisions."""
+    import shutil
+
+    copy = tmp_path / "wn"
+    shutil.copytree(wordnet_dir, copy)
+    index = copy / "index.verb"
+    lines = index.read_text().splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if line.startswith("run v "))
+    lines[i] = lines[i].replace(" 01926311 ", " 01926329 ")  # run.v.01, as Debian has it
+    index.write_text("".join(lines))
+    with pytest.raises(SystemExit, match="run.v starts at offset 1926329"):
+        _build_script().main(["--wordnet-dir", str(copy), "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_tables_follow_princeton_offsets(table):
+    """Words whose first synset is a verb or adjective at a byte offset that happens to be an
+    ImageNet-21k id count (DataComp compares offsets without the POS) -- with Princeton's
+    offsets, which NLTK's WordNet has, not those of Debian's regenerated wordnet-base."""
+    assert table["athletic"] == ("a", 2907656, "athletic")  # athletic.a.01 (Debian: 02907657)
+    assert "aromatic" not in table  # aromatic.a.01 is 02641378 (Debian: 02641379, an id)
 
 
 def test_imagenet21k_ids_equal_timms_package_data():
