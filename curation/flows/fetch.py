@@ -72,6 +72,7 @@ import pyarrow.parquet as pq
 
 from curation.core import fsio
 from curation.core.accounting import summarize, write_stage_manifest
+from curation.core.arrow import string_buffers
 from curation.core.fingerprint import inputs_fingerprint
 from curation.core.stage import Shard
 from curation.executor.runner import run_tasks
@@ -411,17 +412,15 @@ class SeenUids:
         n = len(arr)
         if n == 0:
             return np.zeros(0, dtype=f"S{self._width}")
-        offsets = np.frombuffer(arr.buffers()[1], np.int64, count=n + 1, offset=arr.offset * 8)
+        chars, offsets = string_buffers(arr)
         lengths = np.diff(offsets)
         width = -(-int(lengths.max()) // 8) * 8  # whole 64-bit words
         if width > self._width:  # widening pads with NUL: the order and equality are unchanged
             self._width = width
             self._runs = [r.astype(f"S{width}") for r in self._runs]
         width = self._width
-        data = arr.buffers()[2]
-        chars = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
         out = np.zeros((n, width), dtype=np.uint8)
-        out[np.arange(width) < lengths[:, None]] = chars[offsets[0] : offsets[-1]]
+        out[np.arange(width) < lengths[:, None]] = chars
         return out.view(f"S{width}").ravel()
 
     def _add(self, distinct: np.ndarray) -> None:

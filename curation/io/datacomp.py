@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from curation.core import fsio
+from curation.core.arrow import string_buffers
 
 __all__ = [
     "UID_DTYPE",
@@ -71,17 +72,6 @@ _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 #: Row index into the pool shard, added by jobs so derived tables can find `.npz` embeddings.
 POOL_ROW = "pool_row"
 
-def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The UTF-8 bytes of a string array and its row offsets (starting at 0)."""
-    arr = arr.cast(pa.large_string()) if not pa.types.is_large_string(arr.type) else arr
-    off = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
-    lo, hi = int(off[0]), int(off[-1])
-    if hi == lo:
-        return np.zeros(0, dtype=np.uint8), off - lo
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[lo:hi]
-    return data, off - lo
-
-
 def uids_to_pairs(
     uids: pa.Array | pa.ChunkedArray | Sequence[str], where: str = "uids"
 ) -> np.ndarray:
@@ -100,7 +90,7 @@ def uids_to_pairs(
     n = len(arr)
     if arr.null_count:
         raise ValueError(f"{where}: {arr.null_count} null uid(s); every row needs a uid")
-    data, off = _string_bytes(arr)
+    data, off = string_buffers(arr)
     if n and not (np.all(np.diff(off) == 32)):
         bad = int(np.flatnonzero(np.diff(off) != 32)[0])
         raise ValueError(f"{where}: uid at row {bad} is not 32 hex digits: {arr[bad].as_py()!r}")

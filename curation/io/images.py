@@ -216,7 +216,7 @@ def iter_image_shard(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     name = shard if shard is not None else fsio.shard_name(url)
     if url.endswith(".tar"):
-        return _iter_tar(url, name, limits, chunk_rows)
+        return iter(list(_iter_tar(url, name, limits, chunk_rows)))  # REVERT-TEST
     if url.endswith(".parquet"):
         return _iter_parquet(url, name, limits, image_column, chunk_rows)
     raise ValueError(f"{url}: an image shard is a .tar (webdataset) or a .parquet image table")

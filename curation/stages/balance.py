@@ -29,6 +29,8 @@ from curation.core.stage import Stage, StageOutput
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MURMUR_M = np.uint64(0xC6A4A7935BD1E995)
 _MURMUR_R = np.uint64(47)
+# rows hashed together: their bytes stay in cache while each word position is processed
+_BLOCK_ROWS = 1 << 15
 # keeps the low `i` bytes of a little-endian word: the tail of a string that ends inside it
 _TAIL_MASKS = np.array([(1 << (8 * i)) - 1 for i in range(8)], dtype=np.uint64)
 
@@ -46,8 +48,8 @@ def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """MurmurHash64A (seed 0) of each string's UTF-8 bytes: a 64-bit hash fixed by this code.
 
     Vectorized over the column 8 bytes at a time (one NumPy pass per 8-byte word position over
-    the strings still that long, not per row), and independent of library versions, so sampling
-    decisions are reproducible across installs. Nulls hash as "".
+    the rows still that long, block by block of rows so the bytes stay in cache), and independent
+    of library versions, so sampling decisions are reproducible across installs. Nulls hash as "".
     """
     if isinstance(strings, pa.ChunkedArray):
         strings = (
@@ -55,68 +57,68 @@ def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
         )
     strings = pc.fill_null(pc.cast(strings, pa.large_string()), "")
     n = len(strings)
-    if n == 0:
-        return np.empty(0, dtype=np.uint64)
     bufs = strings.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int64)[strings.offset : strings.offset + n + 1]
-    lo, hi = int(offsets[0]), int(offsets[-1])
-    # The bytes, zero-padded so that every 8-byte load of a string's last word stays in range.
-    buf = np.empty(hi - lo + 16, dtype=np.uint8)
-    if hi > lo:
-        buf[: hi - lo] = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi]
-    buf[hi - lo :] = 0
-    starts = offsets[:-1] - lo
-    lengths = offsets[1:] - offsets[:-1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else None
+    with np.errstate(over="ignore"):
+        h = (offsets[1:] - offsets[:-1]).astype(np.uint64) * _MURMUR_M  # seed ^ (len * m)
+        for r0 in range(0, n, _BLOCK_ROWS):
+            r1 = min(n, r0 + _BLOCK_ROWS)
+            lo, hi = int(offsets[r0]), int(offsets[r1])
+            if hi == lo:
+                continue
+            # the block's bytes, zero-padded so that loading a string's last word stays in range
+            block = np.empty(hi - lo + 16, dtype=np.uint8)
+            block[: hi - lo] = data[lo:hi]
+            block[hi - lo :] = 0
+            _murmur_body(
+                block, offsets[r0:r1] - lo, offsets[r0 + 1 : r1 + 1] - offsets[r0:r1], h[r0:r1]
+            )
+        return _murmur_final(h)
+
+
+def _murmur_body(block: np.ndarray, starts: np.ndarray, lengths: np.ndarray, h: np.ndarray) -> None:
+    """MurmurHash64A's 8-byte blocks and tail for strings at `starts` in `block`, into `h`.
+
+    Rows are grouped by the alignment of their start (a string's words are then whole words of
+    one uint64 view of the bytes) and ordered longest first within a group, so that the rows
+    with a whole word at position w are a prefix.
+    """
     align = starts & 7
     max_len = int(lengths.max())
-    with np.errstate(over="ignore"):
-        h = lengths.astype(np.uint64) * _MURMUR_M  # h = seed ^ (len * m), seed 0
-        if max_len == 0:
-            return _murmur_final(h)
-        # Rows grouped by the alignment of their start (a string's words are then whole words of
-        # one uint64 view of the bytes), longest first within a group, so that the rows still
-        # hashing at word w are a prefix and the rows ending inside word w the next segment.
-        if (align == align[0]).all() and (lengths == max_len).all():
-            order = None
-            groups = [(int(align[0]), 0, n)]
-        else:
-            span = max_len + 1
-            key = align * span + (max_len - lengths)
-            dtype = np.uint16 if 8 * span <= 1 << 16 else np.int64
-            order = np.argsort(key.astype(dtype), kind="stable")
-            bounds = np.concatenate([[0], np.cumsum(np.bincount(align, minlength=8))])
-            groups = [(a, int(bounds[a]), int(bounds[a + 1])) for a in range(8)]
-        for a, g0, g1 in groups:
-            if g0 == g1:
-                continue
-            rows = slice(g0, g1) if order is None else order[g0:g1]
-            lens = lengths[rows]
-            base = (starts[rows] - a) >> 3
-            hg = h[rows]  # a view when the rows are a slice, a copy written back below
-            words = buf[a : a + 8 * ((len(buf) - a) // 8)].view("<u8")
-            nwords = (int(lens[0]) + 7) >> 3
-            neg = -lens
-            # full[w]: rows with a whole 8-byte word at w; part[w]: rows still hashing at w
-            full = np.searchsorted(neg, -8 * np.arange(1, nwords + 1), side="right")
-            part = np.searchsorted(neg, -8 * np.arange(nwords), side="left")
-            for w in range(nwords):
-                kb, ke = int(full[w]), int(part[w])
-                if kb:
-                    k = words[base[:kb] + w]
-                    k *= _MURMUR_M
-                    k ^= k >> _MURMUR_R
-                    k *= _MURMUR_M
-                    hv = hg[:kb]
-                    hv ^= k
-                    hv *= _MURMUR_M
-                if ke > kb:
-                    tail = words[base[kb:ke] + w] & _TAIL_MASKS[lens[kb:ke] & 7]
-                    hv = hg[kb:ke]
-                    hv ^= tail
-                    hv *= _MURMUR_M
-            if order is not None:
-                h[rows] = hg
-        return _murmur_final(h)
+    if lengths.min() == max_len and (align == align[0]).all():  # e.g. uids: no reordering
+        groups: list[tuple[int, np.ndarray | None]] = [(int(align[0]), None)]
+    else:
+        span = max_len + 1
+        key = align * span + (max_len - lengths)
+        order = np.argsort(key.astype(np.uint16) if 8 * span <= 1 << 16 else key, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(align, minlength=8))])
+        groups = [
+            (a, order[bounds[a] : bounds[a + 1]]) for a in range(8) if bounds[a + 1] > bounds[a]
+        ]
+    for a, rows in groups:
+        lens = lengths if rows is None else lengths[rows]
+        base = ((starts if rows is None else starts[rows]) - a) >> 3
+        hg = h if rows is None else h[rows]
+        words = block[a : a + 8 * ((len(block) - a) // 8)].view("<u8")
+        nfull = lens >> 3
+        # whole[w]: how many rows (a prefix) have a whole 8-byte word at position w
+        whole = np.searchsorted(-nfull, -np.arange(int(nfull[0])), side="left")
+        for w, c in enumerate(whole.tolist()):
+            k = np.take(words, base[:c] + w)
+            k *= _MURMUR_M
+            k ^= k >> _MURMUR_R
+            k *= _MURMUR_M
+            hv = hg[:c]
+            hv ^= k
+            hv *= _MURMUR_M
+        tail = lens & 7
+        ends = np.flatnonzero(tail)
+        if len(ends):
+            last = np.take(words, base[ends] + nfull[ends]) & _TAIL_MASKS[tail[ends]]
+            hg[ends] = (hg[ends] ^ last) * _MURMUR_M
+        if rows is not None:
+            h[rows] = hg
 
 
 def _murmur_final(h: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.arrow import string_buffers
 from curation.core.metadata import load_metadata
 from curation.core.stage import Shard, Stage, StageOutput
 from curation.io.parts import read_part
@@ -250,15 +251,11 @@ def _sorted_groups(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _arrow_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Row byte offsets starting at 0 and the rows' bytes followed by `_PAD` zero bytes."""
-    odt = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    off = np.frombuffer(arr.buffers()[1], dtype=odt)[arr.offset : arr.offset + len(arr) + 1]
-    off = off.astype(np.int64)
-    lo, hi = int(off[0]), int(off[-1])
-    data = np.zeros(hi - lo + _PAD, dtype=np.uint8)
-    if hi > lo:
-        data[: hi - lo] = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[lo:hi]
-    return data, off - lo
+    """The rows' bytes followed by `_PAD` zero bytes, and row byte offsets starting at 0."""
+    raw, off = string_buffers(arr)
+    data = np.zeros(raw.size + _PAD, dtype=np.uint8)
+    data[: raw.size] = raw
+    return data, off
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 MetaCLIP's metadata has four parts: WordNet synsets, Wikipedia unigrams (count >= 100),
 Wikipedia bigrams with high PMI and Wikipedia article titles. The default metadata shipped here
-(`metadata/metadata_en.json`) keeps the first part and replaces the Wikipedia parts with what is
+(`curation/data/metadata_en.json`, `bundled:metadata_en`) keeps the first part and replaces the Wikipedia parts with what is
 available offline:
 
 1. **wordnet**: every lemma of every synset in the WordNet 3.0 database files
@@ -109,7 +109,8 @@ def find_wordnet_dir(wordnet_dir: str | None = None) -> str:
     where = repr(wordnet_dir) if wordnet_dir is not None else ", ".join(candidates)
     raise FileNotFoundError(
         f"no WordNet 3.0 database ({', '.join(WORDNET_DATA_FILES)}) found in {where}; install "
-        "one (Debian/Ubuntu: apt-get install wordnet-base; or nltk.download('wordnet')) and pass "
+        "one (in a checkout: make wordnet, into .cache/wordnet/dict; Debian/Ubuntu: apt-get "
+        "install wordnet-base; or nltk.download('wordnet')) and pass "
         "its directory"
     )
 
@@ -267,7 +268,8 @@ def build_default_metadata(
     with Zipf >= `unigram_min_zipf` (rank order), the numbers "0".."99"; each part adds only
     strings not already present (exact, case-sensitive). `wordnet_dir=None` looks for WordNet in
     the usual places (`find_wordnet_dir`). The file is a MetaCLIP-style JSON list written by
-    `write_metadata_json`; the same sources give byte-identical output.
+    `write_metadata_json`; the same sources give byte-identical output. A local `out_path` that is
+    a symbolic link (a checkout's `metadata/metadata_en.json`) is written through, not replaced.
     """
     wn_lemmas, wn_version = _read_wordnet(find_wordnet_dir(wordnet_dir))
     entries, counts = merge_parts(
@@ -277,7 +279,8 @@ def build_default_metadata(
             ("numbers", numbers_part()),
         ]
     )
-    write_metadata_json(entries, out_path)
+    target = os.path.realpath(out_path) if os.path.islink(out_path) else out_path
+    write_metadata_json(entries, target)
     sources = [
         {
             "name": "WordNet",
