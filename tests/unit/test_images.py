@@ -131,13 +131,19 @@ def test_read_tar_drops_bad_samples_with_reasons(tmp_path):
         ("badtxt", {"jpg": jpeg(), "txt": b"\xff\xfe bad"}),
         ("huge", {"jpg": b"\0" * 20_000, "txt": b"x"}),
     ]
-    shard = read_tar(write_tar(tmp_path / "a.tar", samples), big)
+    url = write_tar(tmp_path / "a.tar", samples)
+    shard = read_tar(url, big)
     assert shard.table.column("key").to_pylist() == ["ok"]
     c = shard.counts
     assert c["rows_read"] == 5
     for reason in ("no_image", "bad_json", "bad_utf8", "member_too_large"):
         assert c[f"rows_dropped_{reason}"] == 1, reason
     assert sorted(q["key"] for q in shard.quarantine) == ["badjson", "badtxt", "huge", "noimg"]
+    # One quarantine schema (core.accounting.quarantine_record): the shard's name, its URL.
+    for q in shard.quarantine:
+        assert (q["stage"], q["shard"], q["input"]) == ("score", "a", url), q
+        assert set(q) == {"stage", "shard", "input", "reason", "detail", "key"}
+    assert {q["shard"] for q in read_tar(url, big, shard="pool-a").quarantine} == {"pool-a"}
 
 
 def test_truncated_tar_is_quarantined_and_keeps_what_was_read(tmp_path):
@@ -148,6 +154,7 @@ def test_truncated_tar_is_quarantined_and_keeps_what_was_read(tmp_path):
     assert 0 < shard.table.num_rows < 6
     [q] = shard.quarantine
     assert q["reason"] == "corrupt_shard"
+    assert (q["stage"], q["shard"], q["input"]) == ("score", "a", url)
     assert shard.counts["rows_read"] == shard.table.num_rows == q["samples_before_error"]
 
 
@@ -200,8 +207,10 @@ def test_corrupt_parquet_is_quarantined_and_a_missing_image_column_fails_up_fron
     from curation.io.images import check_image_shards
 
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
-    shard = read_image_shard(str(tmp_path / "bad.parquet"))
+    shard = read_image_shard(str(tmp_path / "bad.parquet"), shard="bad-0")
     assert [q["reason"] for q in shard.quarantine] == ["corrupt_shard"]
+    [q] = shard.quarantine
+    assert (q["stage"], q["shard"], q["input"]) == ("score", "bad-0", str(tmp_path / "bad.parquet"))
     pq.write_table(pa.table({"uid": ["a"], "pixels": [b"x"]}), tmp_path / "p.parquet")
     pq.write_table(pa.table({"uid": ["a"], "jpg": ["text, not bytes"]}), tmp_path / "s.parquet")
     urls = [str(tmp_path / n) for n in ("bad.parquet", "p.parquet")]
@@ -230,6 +239,11 @@ def test_parquet_image_table_binary_and_struct_columns(tmp_path):
     assert shard.counts["rows_read"] == 4
     assert shard.counts["rows_dropped_no_image"] == 2
     assert shard.counts["rows_dropped_member_too_large"] == 1
+    assert [(q["shard"], q["key"], q["reason"]) for q in shard.quarantine] == [
+        ("p", "b", "no_image"),
+        ("p", "c", "no_image"),
+        ("p", "d", "member_too_large"),
+    ]
 
     hf = pa.table(
         {

@@ -163,6 +163,19 @@ def test_build_is_deterministic(tmp_path):
     assert info_a.to_dict() | {"out_path": ""} == info_b.to_dict() | {"out_path": ""}
 
 
+def test_build_writes_through_a_symlink(tmp_path):
+    """A checkout's metadata/metadata_en.json links to the package data: a rebuild there must
+    update the package file, not replace the link by a file."""
+    target = tmp_path / "data" / "m.json"
+    target.parent.mkdir()
+    target.write_text("[]\n")
+    link = tmp_path / "m.json"
+    link.symlink_to(Path("data") / "m.json")
+    build_default_metadata(str(WORDNET_MINI), str(link), unigram_min_zipf=MINI_ZIPF)
+    assert link.is_symlink()
+    assert load_metadata(str(target)).entries[: len(MINI_LEMMAS)] == tuple(MINI_LEMMAS)
+
+
 def test_build_parts_order_and_contents(tmp_path):
     out = tmp_path / "m.json"
     info = build_default_metadata(str(WORDNET_MINI), str(out), unigram_min_zipf=MINI_ZIPF)
@@ -278,6 +291,7 @@ def test_bundled_name_loads_the_shipped_file():
     assert md.source == "bundled:metadata_en"
     assert md.entries == load_metadata(str(SHIPPED)).entries
     assert md.checksum == _readme_value("Checksum", r"`(sha256:[0-9a-f]{64})`")
+    assert md.checksum in (SHIPPED.parent / "README.md").read_text(encoding="utf-8")
 
 
 def test_unknown_bundled_name_lists_the_bundled_ones():

@@ -63,7 +63,16 @@ def test_wheel_contains_the_data_files(wheel):
 
 def test_installed_copy_outside_the_checkout_loads_bundled_data(wheel, tmp_path):
     site = tmp_path / "site"
-    _pip("install", "--no-deps", "--no-compile", "-q", "--target", str(site), str(wheel), cwd=tmp_path)
+    _pip(
+        "install",
+        "--no-deps",
+        "--no-compile",
+        "-q",
+        "--target",
+        str(site),
+        str(wheel),
+        cwd=tmp_path,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     probe = """
@@ -102,9 +111,10 @@ print(json.dumps({
     readme = (REPO / "metadata" / "README.md").read_text(encoding="utf-8")
     assert got["checksum"] in readme
     words = hashlib.sha256((DATA / "datacomp_text_based" / "words.tsv.gz").read_bytes())
-    assert words.hexdigest() == hashlib.sha256(
-        (Path(got["data_dir"]) / "words.tsv.gz").read_bytes()
-    ).hexdigest()
+    assert (
+        words.hexdigest()
+        == hashlib.sha256((Path(got["data_dir"]) / "words.tsv.gz").read_bytes()).hexdigest()
+    )
     assert got["words"] > 70_000 and got["ids"] == 21_843
     assert got["dogss"] == ["n", 2084071, "dog"]
     assert got["keep"] == [True, False]
