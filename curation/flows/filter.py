@@ -24,8 +24,8 @@ from typing import Any
 import pyarrow as pa
 
 from curation.core import fsio
-from curation.core.accounting import public, summarize
-from curation.core.fingerprint import assets_fingerprint, inputs_fingerprint, versions
+from curation.core.accounting import summarize, write_stage_manifest
+from curation.core.fingerprint import assets_fingerprint, inputs_fingerprint
 from curation.core.stage import Shard
 from curation.executor.runner import map_shards, run_stage
 from curation.io import datacomp
@@ -150,14 +150,13 @@ def run_filter(
     summary = filter_stage(filt, shards, out, fp=fp, overwrite=overwrite, progress=progress)
     summary.pop("_markers")
     uid_info = write_uid_file(out, out, shards)
-    manifest = {
-        "stage": "filter",
-        "params": params,
-        "fit": summary["fit"],
-        "versions": versions(),
-        "summary": public(summary),
-        "outputs": {"subset": out, **uid_info},
-    }
-    fsio.atomic_write_json(fsio.join(out, "manifest.json"), manifest)
+    write_stage_manifest(
+        out,
+        "filter",
+        summary,
+        params=params,
+        fit=summary["fit"],
+        outputs={"subset": out, **uid_info},
+    )
     summary.update(uid_info)
     return summary

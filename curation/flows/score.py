@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from curation.core import fsio
-from curation.core.accounting import public, summarize, write_quarantine
-from curation.core.fingerprint import inputs_fingerprint, versions
+from curation.core.accounting import summarize, write_quarantine, write_stage_manifest
+from curation.core.fingerprint import inputs_fingerprint
 from curation.core.stage import Resources, Shard
 from curation.executor.runner import cluster_resources, run_actor_stage
 from curation.io.images import ImageLimits, PixelTransform, check_image_shards, list_image_shards
@@ -150,21 +150,20 @@ def score_shards(
     )
     summary = summarize("score", markers)
     quarantined = write_quarantine(out, [markers])
-    manifest = {
-        "stage": "score",
-        "params": params,
-        "model": {**scorer.describe(), "embed_dim": scorer.embed_dim, "preprocess": pp},
-        "device": dev,  # the pool's size is left out: it does not change any output byte
-        "versions": versions(),
-        "inputs": [[m["input"], m["shard"]] for m in markers.values()],
-        "summary": public(summary),
-        "quarantined": quarantined,
-        "outputs": {
+    write_stage_manifest(
+        out,
+        "score",
+        summary,
+        params=params,
+        model={**scorer.describe(), "embed_dim": scorer.embed_dim, "preprocess": pp},
+        device=dev,  # the pool's size is left out: it does not change any output byte
+        inputs=[[m["input"], m["shard"]] for m in markers.values()],
+        quarantined=quarantined,
+        outputs={
             "scores": out,
             "columns": list(OUTPUT_COLUMNS),
             "quarantine": fsio.join(out, "quarantine.jsonl"),
         },
-    }
-    fsio.atomic_write_json(fsio.join(out, "manifest.json"), manifest)
+    )
     summary.update(device=dev, actors=n_actors, quarantined=quarantined)
     return summary

@@ -201,7 +201,8 @@ def iter_image_shard(
     chunk_rows: int = 512,
 ) -> Iterator[ImageShard]:
     """Stream a tar or Parquet image shard (by suffix) as chunks of at most `chunk_rows` kept
-    samples, reading about one chunk ahead: memory is bounded by a chunk, not by the shard.
+    samples. Memory is bounded by a chunk, not by the shard: a tar is read one sample past the
+    chunk it hands out; a Parquet table one row group at a time, in record batches.
 
     Each chunk's `counts` and `quarantine` cover the samples read with it (they reconcile per
     chunk); the shard-level ones (`shards_corrupt_shard` / `shards_shard_too_large` and their
@@ -216,7 +217,7 @@ def iter_image_shard(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     name = shard if shard is not None else fsio.shard_name(url)
     if url.endswith(".tar"):
-        return iter(list(_iter_tar(url, name, limits, chunk_rows)))  # REVERT-TEST
+        return _iter_tar(url, name, limits, chunk_rows)
     if url.endswith(".parquet"):
         return _iter_parquet(url, name, limits, image_column, chunk_rows)
     raise ValueError(f"{url}: an image shard is a .tar (webdataset) or a .parquet image table")
@@ -426,6 +427,7 @@ _CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def _iter_tar(url: str, name: str, limits: ImageLimits, chunk_rows: int) -> Iterator[ImageShard]:
+    """A tar's chunks; damage (and the shard limit) ends it with a quarantine entry."""
     chunks = _Chunker(name, url, chunk_rows)
     fs, path = url_to_fs(url)
     try:
@@ -475,7 +477,9 @@ def _image_bytes_field(schema: pa.Schema, url: str, name: str | None) -> tuple[s
     is_struct = pa.types.is_struct(typ)
     if is_struct:
         if typ.get_field_index("bytes") < 0:
-            raise ValueError(f"{url}: image column {name!r} is {typ}, with no `bytes` field")
+            raise ValueError(
+                f"{url}: image column {name!r} is {typ}, not binary (a struct needs `bytes`)"
+            )
         typ = typ.field("bytes").type
     if not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
         raise ValueError(f"{url}: image column {name!r} is {typ}, not binary")

@@ -30,7 +30,9 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MURMUR_M = np.uint64(0xC6A4A7935BD1E995)
 _MURMUR_R = np.uint64(47)
 # rows hashed together: their bytes stay in cache while each word position is processed
-_BLOCK_ROWS = 1 << 15
+_BLOCK_ROWS = 1 << 14
+# strings longer than this are hashed apart from the blocks (see `_murmur_state`)
+_LONG_BYTES = 256
 # keeps the low `i` bytes of a little-endian word: the tail of a string that ends inside it
 _TAIL_MASKS = np.array([(1 << (8 * i)) - 1 for i in range(8)], dtype=np.uint64)
 
@@ -47,65 +49,85 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """MurmurHash64A (seed 0) of each string's UTF-8 bytes: a 64-bit hash fixed by this code.
 
-    Vectorized over the column 8 bytes at a time (one NumPy pass per 8-byte word position over
-    the rows still that long, block by block of rows so the bytes stay in cache), and independent
-    of library versions, so sampling decisions are reproducible across installs. Nulls hash as "".
+    Vectorized over the column 8 bytes at a time (one NumPy pass per word position over the rows
+    still that long, block by block of rows so the bytes stay in cache), and independent of
+    library versions, so sampling decisions are reproducible across installs. Nulls hash as "".
     """
     if isinstance(strings, pa.ChunkedArray):
         strings = (
             strings.combine_chunks() if strings.num_chunks else pa.array([], pa.large_string())
         )
     strings = pc.fill_null(pc.cast(strings, pa.large_string()), "")
+    with np.errstate(over="ignore"):
+        h = _murmur_state(strings, _LONG_BYTES)
+        h ^= h >> _MURMUR_R
+        h *= _MURMUR_M
+        h ^= h >> _MURMUR_R
+    return h
+
+
+def _murmur_state(strings: pa.LargeStringArray, long_bytes: int) -> np.ndarray:
+    """MurmurHash64A's state after the 8-byte blocks and the tail (before the final mix).
+
+    Strings longer than `long_bytes` are hashed apart, so that a block of rows takes as many
+    passes as its longest short string, not as the few very long ones (alt texts have a tail).
+    """
     n = len(strings)
     bufs = strings.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int64)[strings.offset : strings.offset + n + 1]
+    lengths = offsets[1:] - offsets[:-1]
+    h = lengths.astype(np.uint64) * _MURMUR_M  # seed ^ (len * m), seed 0
+    long_rows = np.flatnonzero(lengths > long_bytes)
+    if len(long_rows):
+        h[long_rows] = _murmur_state(strings.take(pa.array(long_rows)), np.iinfo(np.int64).max)
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else None
-    with np.errstate(over="ignore"):
-        h = (offsets[1:] - offsets[:-1]).astype(np.uint64) * _MURMUR_M  # seed ^ (len * m)
-        for r0 in range(0, n, _BLOCK_ROWS):
-            r1 = min(n, r0 + _BLOCK_ROWS)
-            lo, hi = int(offsets[r0]), int(offsets[r1])
-            if hi == lo:
-                continue
-            # the block's bytes, zero-padded so that loading a string's last word stays in range
-            block = np.empty(hi - lo + 16, dtype=np.uint8)
-            block[: hi - lo] = data[lo:hi]
-            block[hi - lo :] = 0
-            _murmur_body(
-                block, offsets[r0:r1] - lo, offsets[r0 + 1 : r1 + 1] - offsets[r0:r1], h[r0:r1]
-            )
-        return _murmur_final(h)
+    for r0 in range(0, n, _BLOCK_ROWS):
+        r1 = min(n, r0 + _BLOCK_ROWS)
+        lo, hi = int(offsets[r0]), int(offsets[r1])
+        if hi == lo:
+            continue
+        # the block's bytes, zero-padded so that loading a string's last word stays in range
+        block = np.empty(hi - lo + 16, dtype=np.uint8)
+        block[: hi - lo] = data[lo:hi]
+        block[hi - lo :] = 0
+        _murmur_body(block, offsets[r0:r1] - lo, lengths[r0:r1], h[r0:r1], long_bytes)
+    return h
 
 
-def _murmur_body(block: np.ndarray, starts: np.ndarray, lengths: np.ndarray, h: np.ndarray) -> None:
-    """MurmurHash64A's 8-byte blocks and tail for strings at `starts` in `block`, into `h`.
+def _murmur_body(
+    block: np.ndarray, starts: np.ndarray, lengths: np.ndarray, h: np.ndarray, long_bytes: int
+) -> None:
+    """MurmurHash64A's 8-byte blocks and tail for the strings at `starts` in `block`, into `h`
+    (a view); strings longer than `long_bytes` are left alone.
 
-    Rows are grouped by the alignment of their start (a string's words are then whole words of
-    one uint64 view of the bytes) and ordered longest first within a group, so that the rows
-    with a whole word at position w are a prefix.
+    A string's word at byte offset o is read as two aligned words shifted together (o need not
+    be a multiple of 8). Rows are ordered longest first, so that the rows with a whole word at
+    position w are a prefix.
     """
-    align = starts & 7
     max_len = int(lengths.max())
-    if lengths.min() == max_len and (align == align[0]).all():  # e.g. uids: no reordering
-        groups: list[tuple[int, np.ndarray | None]] = [(int(align[0]), None)]
+    if lengths.min() == max_len:  # e.g. uids: no reordering
+        if max_len > long_bytes:
+            return
+        rows = None
+        lens, first, hg = lengths, starts, h
     else:
-        span = max_len + 1
-        key = align * span + (max_len - lengths)
-        order = np.argsort(key.astype(np.uint16) if 8 * span <= 1 << 16 else key, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(align, minlength=8))])
-        groups = [
-            (a, order[bounds[a] : bounds[a + 1]]) for a in range(8) if bounds[a + 1] > bounds[a]
-        ]
-    for a, rows in groups:
-        lens = lengths if rows is None else lengths[rows]
-        base = ((starts if rows is None else starts[rows]) - a) >> 3
-        hg = h if rows is None else h[rows]
-        words = block[a : a + 8 * ((len(block) - a) // 8)].view("<u8")
-        nfull = lens >> 3
-        # whole[w]: how many rows (a prefix) have a whole 8-byte word at position w
-        whole = np.searchsorted(-nfull, -np.arange(int(nfull[0])), side="left")
+        key = max_len - lengths
+        order = np.argsort(key.astype(np.uint16) if max_len < 1 << 16 else key, kind="stable")
+        skip = int(np.count_nonzero(lengths > long_bytes))
+        rows = order[skip:]
+        lens, first, hg = lengths[rows], starts[rows], h[rows]
+    words = block[: 8 * (len(block) // 8)].view("<u8")
+    after = words[1:]
+    q = first >> 3
+    shift = ((first & 7) << 3).astype(np.uint64)
+    # word = lo >> shift | hi << (64 - shift), written so that shift 0 gives hi's part 0
+    back = np.uint64(63) - shift
+    nfull = lens >> 3
+    # whole[w]: how many rows (a prefix) have a whole 8-byte word at position w
+    whole = np.searchsorted(-nfull, -np.arange(int(nfull[0]) if len(nfull) else 0), side="left")
+    with np.errstate(over="ignore"):
         for w, c in enumerate(whole.tolist()):
-            k = np.take(words, base[:c] + w)
+            k = _load_words(words, after, q[:c] + w, shift[:c], back[:c])
             k *= _MURMUR_M
             k ^= k >> _MURMUR_R
             k *= _MURMUR_M
@@ -115,18 +137,23 @@ def _murmur_body(block: np.ndarray, starts: np.ndarray, lengths: np.ndarray, h: 
         tail = lens & 7
         ends = np.flatnonzero(tail)
         if len(ends):
-            last = np.take(words, base[ends] + nfull[ends]) & _TAIL_MASKS[tail[ends]]
-            hg[ends] = (hg[ends] ^ last) * _MURMUR_M
-        if rows is not None:
-            h[rows] = hg
+            last = _load_words(words, after, q[ends] + nfull[ends], shift[ends], back[ends])
+            hg[ends] = (hg[ends] ^ (last & _TAIL_MASKS[tail[ends]])) * _MURMUR_M
+    if rows is not None:
+        h[rows] = hg
 
 
-def _murmur_final(h: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        h ^= h >> _MURMUR_R
-        h *= _MURMUR_M
-        h ^= h >> _MURMUR_R
-    return h
+def _load_words(
+    words: np.ndarray, after: np.ndarray, idx: np.ndarray, shift: np.ndarray, back: np.ndarray
+) -> np.ndarray:
+    """Little-endian 8-byte words at byte offsets 8·idx + shift/8 (two aligned loads)."""
+    lo = np.take(words, idx)
+    hi = np.take(after, idx)
+    lo >>= shift
+    hi <<= np.uint64(1)
+    hi <<= back
+    lo |= hi
+    return lo
 
 
 def row_keys(uids: pa.Array | pa.ChunkedArray, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -1,8 +1,13 @@
 """Ingest: CommonCrawl WAT shards and Parquet/JSONL pair tables → pair tables.
 
-One input shard becomes one Arrow table with the columns of `PAIR_SCHEMA`. Every record and row
-is accounted for: `ShardResult.counts` says how many pairs were read, written and dropped per
-reason, and `ShardResult.quarantine` lists each set-aside record or shard with its reason.
+One input shard becomes one Arrow table with the columns of `PAIR_SCHEMA` (`Ingestor` is the
+`Source` of a flow: `read(shard)`). Every record and row is accounted for: the output's `counts`
+say how many pairs were read, written and dropped per reason, its `quarantine` lists each
+set-aside record or shard with its reason, and its `extra` has the input's size and checksum.
+
+Only damaged data is set aside (bad gzip or WARC framing, a truncated file, broken JSON); an error
+of the storage itself (an `OSError` from S3/GCS mid-stream) propagates, so that the executor
+retries the shard instead of marking a partial shard done. A missing file is quarantined.
 
 WAT extraction follows MetaCLIP's WAT parser: for each response metadata record, links of
 `Envelope/Payload-Metadata/HTTP-Response-Metadata/HTML-Metadata/Links` whose `path` starts with
@@ -18,7 +23,6 @@ import io
 import json
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
 
@@ -27,6 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
+from curation.core.accounting import quarantine_record
+from curation.core.stage import Shard, Source, StageOutput
 from curation.core.text import normalize_alt_text, uids_of_urls
 
 PAIR_SCHEMA = pa.schema(
@@ -47,27 +53,21 @@ INPUT_SUFFIXES = WAT_SUFFIXES + TABLE_SUFFIXES
 # A record bigger than this is set aside unread: it bounds memory per record (decompression bomb).
 DEFAULT_MAX_RECORD_BYTES = 64 << 20
 DEFAULT_MAX_TEXT_CHARS = 1000
-QUARANTINE_DETAIL_CHARS = 300
-
-
-@dataclass
-class ShardResult:
-    """What reading one shard produced: the pairs, the counters and the quarantine entries."""
-
-    table: pa.Table
-    counts: Counter = field(default_factory=Counter)
-    quarantine: list[dict[str, Any]] = field(default_factory=list)
-    input_bytes: int = 0
-    input_sha256: str = ""
 
 
 class _HashingReader(io.RawIOBase):
-    """Wraps a binary stream; hashes and counts the bytes read (input checksum for the manifest)."""
+    """Wraps a binary stream; hashes and counts the bytes read (input checksum for the manifest).
+
+    An exception raised by the stream itself (a storage error) is kept in `error` and raised
+    again on every later read: FastWARC raises `OSError` for damaged data too, so the caller
+    tells a storage error from damage by `error`, not by the exception's type.
+    """
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
         self.sha = hashlib.sha256()
         self.nbytes = 0
+        self.error: BaseException | None = None
 
     def readable(self) -> bool:
         return True
@@ -85,7 +85,13 @@ class _HashingReader(io.RawIOBase):
         raise io.UnsupportedOperation("seek")
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
+        if self.error is not None:
+            raise self.error
+        try:
+            data = self._raw.read(size)
+        except BaseException as exc:
+            self.error = exc
+            raise
         self.sha.update(data)
         self.nbytes += len(data)
         return data
@@ -109,8 +115,10 @@ def detect_format(url: str) -> str:
     )
 
 
-class Ingestor:
-    """Reads one input shard into a pair table (a CPU stage: `process_shard(url, shard)`)."""
+class Ingestor(Source):
+    """Reads one input shard into a pair table (the source of a flow: `read(shard)`)."""
+
+    name = "ingest"
 
     def __init__(
         self,
@@ -127,41 +135,58 @@ class Ingestor:
     def setup(self) -> None:
         """Nothing to load; present so every stage has the same shape."""
 
-    def process_shard(self, url: str, shard: str) -> ShardResult:
-        """Read `url` (any fsspec URL) as shard `shard`; never raises for bad data, only for bugs."""
+    def read(self, shard: Shard) -> StageOutput:
+        """The pairs of `shard.input` (any fsspec URL); `extra` has "input_bytes" and
+        "input_sha256" (of the whole file).
+
+        Bad data is counted and quarantined, never raised; an error of the storage (an `OSError`
+        while reading) propagates, so that the shard is retried rather than marked done half read.
+        """
+        url, shard_name = shard.input, shard.name
         fmt = detect_format(url)
         fs, path = url_to_fs(url)
-        result = ShardResult(table=PAIR_SCHEMA.empty_table())
+        result = StageOutput(table=PAIR_SCHEMA.empty_table())
         try:
             f = fs.open(path, "rb")
         except FileNotFoundError as exc:
             result.counts["shards_missing"] += 1
-            result.quarantine.append(_q(shard, url, "missing_file", str(exc)))
+            result.quarantine.append(self._q(shard_name, url, "missing_file", str(exc)))
             return result
         with f:
             reader = _HashingReader(f)
             if fmt == "wat":
-                rows = self._read_wat(reader, url, shard, result)
+                rows = self._read_wat(reader, url, shard_name, result)
                 result.counts["rows_read"] += len(rows)
-                table = self._wat_rows_to_table(rows, shard)
+                table = self._wat_rows_to_table(rows, shard_name)
             else:
-                table = self._read_table(reader, fmt, url, shard, result)
+                table = self._read_table(reader, fmt, url, shard_name, result)
             # drain so the checksum covers the whole file
             while reader.read(1 << 20):
                 pass
-        result.input_bytes = reader.nbytes
-        result.input_sha256 = "sha256:" + reader.sha.hexdigest()
+        result.extra = {
+            "input_bytes": reader.nbytes,
+            "input_sha256": "sha256:" + reader.sha.hexdigest(),
+        }
         if reader.nbytes == 0:
             result.counts["shards_empty"] += 1
-            result.quarantine.append(_q(shard, url, "empty_file", "file has 0 bytes"))
+            result.quarantine.append(self._q(shard_name, url, "empty_file", "file has 0 bytes"))
         table, truncated = self._cap_text(table)
         result.counts["texts_truncated"] += truncated
         result.table = table
         result.counts["rows_written"] += table.num_rows
         return result
 
+    def process_shard(self, url: str, shard_name: str) -> StageOutput:
+        """`read(Shard(shard_name, url))`: one input file by its URL."""
+        return self.read(Shard(name=shard_name, input=url))
+
+    def _q(self, shard: str, url: str, reason: str, detail: str, **extra: Any) -> dict[str, Any]:
+        return quarantine_record(self.name, shard, url, reason, detail, **extra)
+
     # -- WAT ---------------------------------------------------------------------------------
-    def _read_wat(self, reader: Any, url: str, shard: str, result: ShardResult) -> list[tuple]:
+    def _read_wat(
+        self, reader: _HashingReader, url: str, shard: str, result: StageOutput
+    ) -> list[tuple]:
         from fastwarc.warc import ArchiveIterator, WarcRecordType
 
         counts = result.counts
@@ -179,7 +204,7 @@ class Ingestor:
                 if record.content_length > self.max_record_bytes:
                     counts["records_dropped_too_large"] += 1
                     result.quarantine.append(
-                        _q(
+                        self._q(
                             shard,
                             url,
                             "record_too_large",
@@ -194,7 +219,7 @@ class Ingestor:
                     counts["records_dropped_truncated"] += 1
                     counts["shards_truncated"] += 1
                     result.quarantine.append(
-                        _q(
+                        self._q(
                             shard,
                             url,
                             "truncated_shard",
@@ -212,7 +237,9 @@ class Ingestor:
                     reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
                     counts[f"records_dropped_{reason}"] += 1
                     result.quarantine.append(
-                        _q(shard, url, reason, str(exc), record=record_no, offset=record.stream_pos)
+                        self._q(
+                            shard, url, reason, str(exc), record=record_no, offset=record.stream_pos
+                        )
                     )
                     continue
                 self._extract(doc, rows, counts)
@@ -220,11 +247,17 @@ class Ingestor:
             raise
         except BaseException as exc:  # noqa: BLE001 corrupt/truncated gzip or WARC framing
             # (FastWARC may raise a pyo3 PanicException, a BaseException); keep what was read.
+            # FastWARC raises OSError for damaged data too: a storage error is told apart by the
+            # reader having seen it, and propagates as the stream raised it.
+            if reader.error is exc:
+                raise
+            if reader.error is not None:
+                raise reader.error from exc
             stopped = True
             cut = _gzip_tail_state(url, last_pos) == "truncated"
             counts["shards_truncated" if cut else "shards_corrupt"] += 1
             result.quarantine.append(
-                _q(
+                self._q(
                     shard,
                     url,
                     "truncated_shard" if cut else "corrupt_shard",
@@ -232,12 +265,14 @@ class Ingestor:
                     record=record_no + 1,
                 )
             )
+        if reader.error is not None:  # the stream failed and FastWARC stopped quietly
+            raise reader.error
         tail = "complete" if stopped else _gzip_tail_state(url, last_pos)
         if tail != "complete":
             reason = "truncated_shard" if tail == "truncated" else "corrupt_shard"
             counts["shards_truncated" if tail == "truncated" else "shards_corrupt"] += 1
             result.quarantine.append(
-                _q(
+                self._q(
                     shard,
                     url,
                     reason,
@@ -315,12 +350,14 @@ class Ingestor:
 
     # -- Parquet / JSONL -----------------------------------------------------------------------
     def _read_table(
-        self, reader: Any, fmt: str, url: str, shard: str, result: ShardResult
+        self, reader: _HashingReader, fmt: str, url: str, shard: str, result: StageOutput
     ) -> pa.Table:
         counts = result.counts
-        data = reader.read()
+        data = reader.read()  # a storage error propagates from here, before any parsing
         if not data:
             return PAIR_SCHEMA.empty_table()
+        # Parsing works on bytes in memory, so whatever it raises is damage (gzip's BadGzipFile
+        # is an OSError too).
         try:
             if fmt == "parquet":
                 import pyarrow.parquet as pq
@@ -331,14 +368,14 @@ class Ingestor:
         except Exception as exc:
             counts["shards_corrupt"] += 1
             result.quarantine.append(
-                _q(shard, url, "corrupt_shard", f"{type(exc).__name__}: {exc}")
+                self._q(shard, url, "corrupt_shard", f"{type(exc).__name__}: {exc}")
             )
             return PAIR_SCHEMA.empty_table()
         missing = [c for c in ("url", "text") if c not in raw.column_names]
         if missing:
             counts["shards_bad_schema"] += 1
             result.quarantine.append(
-                _q(
+                self._q(
                     shard,
                     url,
                     "bad_schema",
@@ -395,14 +432,14 @@ class Ingestor:
         )
         return table.filter(keep)
 
-    @staticmethod
-    def _parse_jsonl(data: bytes, url: str, shard: str, result: ShardResult) -> pa.Table:
+    def _parse_jsonl(self, data: bytes, url: str, shard: str, result: StageOutput) -> pa.Table:
         if url.lower().endswith(".gz"):
             import gzip
 
             data = gzip.decompress(data)
         lines = data.split(b"\n")
         records = []
+        keys: set[str] = set()
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
@@ -416,8 +453,9 @@ class Ingestor:
                 detail = str(exc)
             if reason is not None:
                 result.counts[f"rows_dropped_{reason}"] += 1
-                result.quarantine.append(_q(shard, url, reason, detail, record=i))
+                result.quarantine.append(self._q(shard, url, reason, detail, record=i))
                 continue
+            keys.update(obj)
             obj["__line"] = i
             records.append(obj)
         bad = len(result.quarantine)
@@ -428,8 +466,9 @@ class Ingestor:
         )
         if not records:
             return pa.table({"url": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+        # a column is present when any record has it, however late in the file
         cols = ("uid", "url", "text", "text_key", "page_url")
-        present = [c for c in cols if any(c in r for r in records[:1000])] or ["url", "text"]
+        present = [c for c in cols if c in keys] or ["url", "text"]
         table = {c: pa.array([_as_str(r.get(c)) for r in records], pa.string()) for c in present}
         table["__line"] = pa.array([r["__line"] for r in records], pa.int64())
         return pa.table(table)
@@ -474,15 +513,3 @@ def _as_str(v: Any) -> str | None:
     if v is None or isinstance(v, str):
         return v
     return str(v)
-
-
-def _q(shard: str, url: str, reason: str, detail: str, **extra: Any) -> dict[str, Any]:
-    entry = {
-        "stage": "ingest",
-        "shard": shard,
-        "input": url,
-        "reason": reason,
-        "detail": detail[:QUARANTINE_DETAIL_CHARS],
-    }
-    entry.update(extra)
-    return entry

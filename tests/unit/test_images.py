@@ -240,9 +240,9 @@ def test_parquet_image_table_binary_and_struct_columns(tmp_path):
     assert shard.counts["rows_dropped_no_image"] == 2
     assert shard.counts["rows_dropped_member_too_large"] == 1
     assert [(q["shard"], q["key"], q["reason"]) for q in shard.quarantine] == [
-        ("p", "b", "no_image"),
-        ("p", "c", "no_image"),
-        ("p", "d", "member_too_large"),
+        ("p", "000000001", "no_image"),  # no `key` column: the row number
+        ("p", "000000002", "no_image"),
+        ("p", "000000003", "member_too_large"),
     ]
 
     hf = pa.table(

@@ -236,6 +236,7 @@ def test_make_filter_text_based_and_pickling(filt):
     assert f.keep(pa.table({"text": ["a dog", "a red sunset"]})).tolist() == [True, False]
     clone = pickle.loads(pickle.dumps(f))  # a worker reloads the tables in setup()
     assert clone._words is None and clone._morphy is None
+    assert clone.data_dir is None  # not the driver's path: a worker finds its own install's tables
     assert clone.keep(pa.table({"text": ["two cars", "ein hund"]})).tolist() == [True, False]
     g = filter_from_params("text_based", {"lid_model": "/m/lid.176.bin"}, name="tb")
     assert g.name == "tb" and g.language.model_path == "/m/lid.176.bin"
