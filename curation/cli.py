@@ -64,7 +64,7 @@ def main() -> None:
     Typical flow:
       curation synth pool/ --shards 4 --pairs-per-shard 25000 --seed 0
       curation ingest 'pool/*.warc.wat.gz' -o out/ingest
-      curation match out/ingest -m metadata/metadata_en.json -o out/match
+      curation match out/ingest -m bundled:metadata_en -o out/match
       curation count out/match -o out/counts.parquet
       curation balance out/match --counts out/counts.parquet --t 20000 --seed 0 -o out/curated
     or all of it from a job spec:
@@ -273,7 +273,7 @@ def metadata_info(path: str, sample: int) -> None:
 
     \b
     Example:
-      curation metadata info metadata/metadata_en.json
+      curation metadata info bundled:metadata_en
     """
     from curation.core.metadata import load_metadata
 
@@ -323,7 +323,7 @@ def match(
 
     \b
     Example:
-      curation match out/ingest -m metadata/metadata_en.json -o out/match
+      curation match out/ingest -m bundled:metadata_en -o out/match
     """
     from curation.flows.metaclip import match_command
 
@@ -367,7 +367,7 @@ def count(
     \b
     Example:
       curation count out/match -o out/counts.parquet
-      curation count out/match -m metadata/metadata_en.json -o out/counts.parquet
+      curation count out/match -m bundled:metadata_en -o out/counts.parquet
     """
     from curation.flows.metaclip import count_command, match_metadata
 

@@ -8,7 +8,7 @@ name: demo
 seed: 0
 input:
   paths: ["s3://bucket/crawl/*.warc.wat.gz"]      # or: synth: {shards: 4, pairs_per_shard: 25000}
-metadata: metadata/metadata_en.json
+metadata: bundled:metadata_en
 ingest: {max_text_chars: 1000}
 match: {engine: auto}
 balance: {t: 20000}                                 # or: {tail_proportion: 0.1}
@@ -27,7 +27,7 @@ filters:
   steps:                                            # baseline + its parameters (see below)
     - {baseline: basic_filter}
     - {baseline: clip_score, score_column: clip_l14_similarity_score, fraction: 0.3}
-metadata: metadata/metadata_en.json                 # only with balance
+metadata: bundled:metadata_en                       # only with balance
 balance: {t: 20000, when: after}                    # when: before | after the filters
 output: runs/datacomp_basic_then_metaclip
 ```

@@ -145,7 +145,9 @@ class Ingestor(Source):
         url, shard_name = shard.input, shard.name
         fmt = detect_format(url)
         fs, path = url_to_fs(url)
-        result = StageOutput(table=PAIR_SCHEMA.empty_table())
+        result = StageOutput(
+            table=PAIR_SCHEMA.empty_table(), extra={"input_bytes": 0, "input_sha256": ""}
+        )
         try:
             f = fs.open(path, "rb")
         except FileNotFoundError as exc:
@@ -163,10 +165,8 @@ class Ingestor(Source):
             # drain so the checksum covers the whole file
             while reader.read(1 << 20):
                 pass
-        result.extra = {
-            "input_bytes": reader.nbytes,
-            "input_sha256": "sha256:" + reader.sha.hexdigest(),
-        }
+        result.extra["input_bytes"] = reader.nbytes
+        result.extra["input_sha256"] = "sha256:" + reader.sha.hexdigest()
         if reader.nbytes == 0:
             result.counts["shards_empty"] += 1
             result.quarantine.append(self._q(shard_name, url, "empty_file", "file has 0 bytes"))
