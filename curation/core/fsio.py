@@ -6,15 +6,18 @@ path is visible to other nodes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 
 def _outer_group(pattern: str) -> tuple[int, int, list[str]] | None:
@@ -125,37 +128,108 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write to a temporary sibling, then rename into place: readers never see a partial file."""
+def _tmp_path(path: str) -> str:
+    """A unique temporary sibling of `path` (stale ones are found by the `.tmp-` in the name)."""
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _discard(f: Any) -> None:
+    """Drop an unfinished object-store upload: abort it and never let `close()` commit it."""
+    try:
+        discard = getattr(f, "discard", None)
+        if callable(discard):
+            discard()
+    finally:
+        # AbstractBufferedFile.close() (also run by __exit__ and __del__) would upload the
+        # buffered rest and complete the upload: mark the file closed so it never does.
+        f.closed = True
+
+
+@contextlib.contextmanager
+def atomic_open(url: str) -> Iterator[BinaryIO]:
+    """Open `url` for binary writing so that readers see the whole file or nothing.
+
+    - Local files: write a temporary sibling (`<path>.tmp-<pid>-<rand>`), rename it into place
+      when the block ends (removed if it raises).
+    - Object stores whose files are `fsspec.spec.AbstractBufferedFile` (s3fs, gcsfs, adlfs, ...):
+      write under the final name. The upload (a PUT, or a multipart upload's completion) is only
+      committed when the file closes, so there is no temporary object to copy and delete; if the
+      block raises, the upload is discarded and nothing is committed.
+    - Other filesystems (e.g. `memory://`): a temporary sibling, then `fs.mv` into place.
+    """
     fs, path = url_to_fs(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
+    tmp = _tmp_path(path)
+    if isinstance(fs, LocalFileSystem):
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+        return
+    # Opening a file for writing sends nothing yet on object stores: open the temporary name,
+    # and if the file object commits only on close, discard it and write the final name.
+    f = fs.open(tmp, "wb")
+    if isinstance(f, AbstractBufferedFile):
+        _discard(f)
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            _discard(f)
+            raise
+        f.close()
+        return
+    try:
+        with f:
+            yield f
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write `data` to `url` atomically (`atomic_open`): readers never see a partial file."""
+    with atomic_open(url) as f:
         f.write(data)
-    fs.mv(tmp, path)
 
 
 def atomic_write_json(url: str, obj: Any) -> None:
+    """Write `obj` as indented JSON with sorted keys (the same object gives the same bytes)."""
     atomic_write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(url: str) -> Any:
+    """Parse the JSON file at `url`."""
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
 
 
 def atomic_write_parquet(url: str, table: Any, **kwargs: Any) -> None:
-    """Write an Arrow table as Parquet atomically (temp + rename). Deterministic bytes."""
-    import pyarrow as pa
+    """Write an Arrow table as Parquet atomically (`atomic_open`), streamed row group by row
+    group into the file rather than built in memory first.
+
+    `kwargs` are `pyarrow.parquet.write_table`'s (`compression` defaults to `"zstd"`); the
+    bytes are deterministic and the same as `write_table(table, sink, compression="zstd",
+    **kwargs)` gives.
+    """
     import pyarrow.parquet as pq
 
-    sink = pa.BufferOutputStream()
     kwargs.setdefault("compression", "zstd")
-    pq.write_table(table, sink, **kwargs)
-    atomic_write_bytes(url, sink.getvalue().to_pybytes())
+    # As pq.write_table: row_group_size (or its old name chunk_size) goes to write_table().
+    row_group_size = kwargs.pop("row_group_size", None)
+    row_group_size = kwargs.pop("chunk_size", row_group_size)
+    with atomic_open(url) as f, pq.ParquetWriter(f, table.schema, **kwargs) as writer:
+        writer.write_table(table, row_group_size=row_group_size)
 
 
 def shard_name(url: str) -> str:

@@ -10,12 +10,18 @@ Layouts read (any fsspec URL):
   `image_bytes`, `bytes`) or a struct column with a `bytes` field (the Hugging Face `Image`
   layout), plus a caption column (`text` or `caption`) and `uid` (else `key`).
 
+Shards are streamed: `iter_image_shard` yields chunks of at most `chunk_rows` samples, so a
+reader holds about one chunk of image bytes however large the shard (`read_image_shard` collects
+the chunks, for callers that want the whole shard).
+
 Safety: tar members are read into memory one at a time from a stream, never extracted to disk;
 non-regular members (directories, links, devices) are skipped and counted; a member larger than
-`max_member_bytes` is skipped unread; an image whose header declares more than `max_pixels`
-pixels is refused before its pixels are decoded; only the formats in `IMAGE_FORMATS` are opened.
-Every dropped sample is counted under `rows_dropped_<reason>` and listed in the quarantine with
-the shard, key and reason, so `rows_read = rows_written + Σ rows_dropped` holds per shard.
+`max_member_bytes` is skipped unread; a shard over `max_shard_bytes` (uncompressed) is cut
+there; an image whose header declares more than `max_pixels` pixels is refused before its pixels
+are decoded; only the formats in `IMAGE_FORMATS` are opened. Every dropped sample is counted
+under `rows_dropped_<reason>` and listed in the quarantine (`core.accounting.quarantine_record`:
+stage `score`, the shard's name and URL, the sample's `key`), so `rows_read = rows_written +
+Σ rows_dropped` holds per shard.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import tarfile
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +43,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from curation.core import fsio
+from curation.core.accounting import quarantine_record
 
 __all__ = [
     "IMAGE_EXTS",
@@ -46,6 +53,7 @@ __all__ = [
     "PixelTransform",
     "check_image_shards",
     "decode_images",
+    "iter_image_shard",
     "list_image_shards",
     "read_image_shard",
     "read_parquet_images",
@@ -59,6 +67,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 #: Binary columns taken as image bytes in Parquet image tables, in this order.
 PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "image_bytes", "bytes")
 META_COLUMNS = ("key", "uid", "url", "text", "original_width", "original_height")
+#: The stage named in quarantine records written here (image shards are read to be scored).
+STAGE = "score"
 
 
 @dataclass(frozen=True)
@@ -79,19 +89,90 @@ class ImageLimits:
 
 @dataclass
 class ImageShard:
-    """One shard's samples: `table` (META_COLUMNS + `image` bytes), counters and quarantine."""
+    """Samples of a shard (all of it, or one chunk): `table` (META_COLUMNS + `image` bytes),
+    counters and quarantine entries."""
 
     table: pa.Table
     counts: Counter = field(default_factory=Counter)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _drop(shard: ImageShard, url: str, key: str | None, reason: str, detail: str = "") -> None:
-    shard.counts[f"rows_dropped_{reason}"] += 1
-    rec: dict[str, Any] = {"shard": url, "key": key, "reason": reason}
-    if detail:
-        rec["detail"] = detail[:300]
-    shard.quarantine.append(rec)
+class _Chunker:
+    """Cuts a shard's kept samples into `ImageShard` chunks of `size` rows, with counters.
+
+    A full chunk is handed out only when the next kept sample arrives, so a shard gives as many
+    chunks as `ceil(kept / size)` (one, empty, when nothing is kept) and the last chunk carries
+    what comes after its last row: trailing drops and the shard-level counters/quarantine. Each
+    sample is counted on the chunk open when it is read, so every chunk reconciles on its own:
+    `rows_read = num_rows + Σ rows_dropped_<reason>`.
+    """
+
+    def __init__(self, name: str, url: str, size: int) -> None:
+        self.name, self.url, self.size = name, url, size
+        self.rows_read = 0  # the whole shard's
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tables: list[pa.Table] = []
+        self.rows: list[dict[str, Any]] = []
+        self.n = 0
+        self.counts: Counter = Counter()
+        self.quarantine: list[dict[str, Any]] = []
+
+    def drop(self, key: str | None, reason: str, detail: str = "") -> None:
+        """One sample read and dropped for `reason`."""
+        self.rows_read += 1
+        self.counts["rows_read"] += 1
+        self.counts[f"rows_dropped_{reason}"] += 1
+        self.quarantine.append(
+            quarantine_record(STAGE, self.name, self.url, reason, detail, key=key)
+        )
+
+    def fail(self, reason: str, exc: BaseException) -> None:
+        """The shard cannot be read on (`corrupt_shard`, `shard_too_large`)."""
+        self.counts[f"shards_{reason}"] += 1
+        self.quarantine.append(
+            quarantine_record(
+                STAGE,
+                self.name,
+                self.url,
+                reason,
+                f"{type(exc).__name__}: {exc}",
+                samples_before_error=self.rows_read,
+            )
+        )
+
+    def add_row(self, row: dict[str, Any]) -> Iterator[ImageShard]:
+        """One kept sample (a tar's); yields the previous chunk when it was full."""
+        if self.n == self.size:
+            yield self._take()
+        self.rows.append(row)
+        self.n += 1
+        self.rows_read += 1
+        self.counts["rows_read"] += 1
+
+    def add_table(self, table: pa.Table) -> Iterator[ImageShard]:
+        """Kept samples (a Parquet batch's); yields each chunk that fills up before them."""
+        while table.num_rows:
+            if self.n == self.size:
+                yield self._take()
+            k = min(self.size - self.n, table.num_rows)
+            self.tables.append(table.slice(0, k))
+            self.n += k
+            self.rows_read += k
+            self.counts["rows_read"] += k
+            table = table.slice(k)
+
+    def finish(self) -> ImageShard:
+        """The last chunk."""
+        return self._take()
+
+    def _take(self) -> ImageShard:
+        tables = self.tables + ([_table(self.rows)] if self.rows else [])
+        table = pa.concat_tables(tables) if tables else _table([])
+        chunk = ImageShard(table, self.counts, self.quarantine)
+        self._reset()
+        return chunk
 
 
 def list_image_shards(inputs: Sequence[str]) -> list[str]:
@@ -112,16 +193,63 @@ def list_image_shards(inputs: Sequence[str]) -> list[str]:
     return out
 
 
-def read_image_shard(
-    url: str, limits: ImageLimits | None = None, image_column: str | None = None
-) -> ImageShard:
-    """Read a tar or Parquet image shard (by suffix) into an `ImageShard`."""
+def iter_image_shard(
+    url: str,
+    limits: ImageLimits | None = None,
+    image_column: str | None = None,
+    shard: str | None = None,
+    chunk_rows: int = 512,
+) -> Iterator[ImageShard]:
+    """Stream a tar or Parquet image shard (by suffix) as chunks of at most `chunk_rows` kept
+    samples. Memory is bounded by a chunk, not by the shard: a tar is read one sample past the
+    chunk it hands out; a Parquet table one row group at a time, in record batches.
+
+    Each chunk's `counts` and `quarantine` cover the samples read with it (they reconcile per
+    chunk); the shard-level ones (`shards_corrupt_shard` / `shards_shard_too_large` and their
+    quarantine entry) ride on the **last** chunk, as do drops after the last kept sample. A
+    shard always yields at least one chunk (an empty one when nothing is kept). `shard` names
+    the shard in quarantine entries (default `fsio.shard_name(url)`). I/O errors propagate, so
+    the task is retried rather than the shard recorded half-read; a consumer that has used
+    earlier chunks must then start the shard over.
+    """
     limits = limits or ImageLimits()
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    name = shard if shard is not None else fsio.shard_name(url)
     if url.endswith(".tar"):
-        return read_tar(url, limits)
+        return _iter_tar(url, name, limits, chunk_rows)
     if url.endswith(".parquet"):
-        return read_parquet_images(url, limits, image_column)
+        return _iter_parquet(url, name, limits, image_column, chunk_rows)
     raise ValueError(f"{url}: an image shard is a .tar (webdataset) or a .parquet image table")
+
+
+def read_image_shard(
+    url: str,
+    limits: ImageLimits | None = None,
+    image_column: str | None = None,
+    shard: str | None = None,
+) -> ImageShard:
+    """Read a whole tar or Parquet image shard (by suffix) into one `ImageShard`.
+
+    Holds every image of the shard in memory: stream with `iter_image_shard` where that matters.
+    """
+    return _collect(iter_image_shard(url, limits, image_column, shard, _COLLECT_ROWS))
+
+
+#: Chunk size when a whole shard is collected anyway (fewer, larger pieces to concatenate).
+_COLLECT_ROWS = 1 << 16
+
+
+def _collect(chunks: Iterable[ImageShard]) -> ImageShard:
+    tables: list[pa.Table] = []
+    out = ImageShard(table=_table([]))
+    for chunk in chunks:
+        tables.append(chunk.table)
+        out.counts.update(chunk.counts)
+        out.quarantine.extend(chunk.quarantine)
+    if tables:
+        out.table = pa.concat_tables(tables)
+    return out
 
 
 def check_image_shards(urls: Sequence[str], image_column: str | None = None) -> None:
@@ -139,12 +267,7 @@ def check_image_shards(urls: Sequence[str], image_column: str | None = None) -> 
                 schema = pq.read_schema(f)
         except pa.ArrowInvalid:
             continue
-        name = _image_column(schema, url, image_column)
-        typ = schema.field(name).type
-        if pa.types.is_struct(typ):
-            typ = typ.field("bytes").type if typ.get_field_index("bytes") >= 0 else typ
-        if not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
-            raise ValueError(f"{url}: image column {name!r} is {typ}, not binary")
+        _image_bytes_field(schema, url, image_column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,15 +322,13 @@ class _Tail:
 
 def _open_tar_stream(f: Any, limit: int) -> _Tail:
     """The uncompressed tar stream of `f` (gzip is detected by its magic bytes)."""
-    import gzip
-
     head = f.read(2)
     f.seek(0)
     return _Tail(gzip.GzipFile(fileobj=f, mode="rb") if head == b"\x1f\x8b" else f, limit)
 
 
 def _tar_samples(
-    f: Any, url: str, limits: ImageLimits, shard: ImageShard
+    f: Any, limits: ImageLimits, chunks: _Chunker
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream (key, {ext: bytes}) groups of consecutive members; raises on a broken tar.
 
@@ -221,7 +342,7 @@ def _tar_samples(
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if not member.isreg():
-                shard.counts["members_skipped_not_regular"] += 1
+                chunks.counts["members_skipped_not_regular"] += 1
                 continue
             k, ext = _split_name(member.name)
             if k != key:
@@ -243,15 +364,14 @@ def _tar_samples(
             yield key, parts
 
 
-def _sample_row(
-    key: str, parts: dict[str, bytes], url: str, shard: ImageShard
-) -> dict[str, Any] | None:
+def _sample_row(key: str, parts: dict[str, bytes], chunks: _Chunker) -> dict[str, Any] | None:
+    """The sample's row, or None after recording why it is dropped."""
     img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if "_oversize" in parts:
-        _drop(shard, url, key, "member_too_large")
+        chunks.drop(key, "member_too_large")
         return None
     if img_ext is None:
-        _drop(shard, url, key, "no_image", f"members: {sorted(parts)}")
+        chunks.drop(key, "no_image", f"members: {sorted(parts)}")
         return None
     meta: dict[str, Any] = {}
     if "json" in parts:
@@ -260,14 +380,14 @@ def _sample_row(
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
         except (UnicodeDecodeError, ValueError) as exc:
-            _drop(shard, url, key, "bad_json", str(exc))
+            chunks.drop(key, "bad_json", str(exc))
             return None
     text = meta.get("caption")
     if "txt" in parts:
         try:
             text = parts["txt"].decode("utf-8")
         except UnicodeDecodeError as exc:
-            _drop(shard, url, key, "bad_utf8", str(exc))
+            chunks.drop(key, "bad_utf8", str(exc))
             return None
     uid = meta.get("uid")
     return {
@@ -306,37 +426,30 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
 _CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
-def read_tar(url: str, limits: ImageLimits | None = None) -> ImageShard:
-    """Read a webdataset tar (plain or gzip) into memory, member by member, never to disk.
-
-    A tar that cannot be read to its end is quarantined as `corrupt_shard`, one holding more
-    than `max_shard_bytes` uncompressed as `shard_too_large` (the samples read before are kept
-    and counted; the rest of the shard is unknown and said so).
-    """
-    limits = limits or ImageLimits()
-    shard = ImageShard(table=_table([]))
-    rows: list[dict[str, Any]] = []
+def _iter_tar(url: str, name: str, limits: ImageLimits, chunk_rows: int) -> Iterator[ImageShard]:
+    """A tar's chunks; damage (and the shard limit) ends it with a quarantine entry."""
+    chunks = _Chunker(name, url, chunk_rows)
     fs, path = url_to_fs(url)
     try:
         with fs.open(path, "rb") as f:
-            for key, parts in _tar_samples(f, url, limits, shard):
-                shard.counts["rows_read"] += 1
-                row = _sample_row(key, parts, url, shard)
+            for key, parts in _tar_samples(f, limits, chunks):
+                row = _sample_row(key, parts, chunks)
                 if row is not None:
-                    rows.append(row)
+                    yield from chunks.add_row(row)
     except (*_CORRUPT, _ShardTooLarge) as exc:
-        reason = "shard_too_large" if isinstance(exc, _ShardTooLarge) else "corrupt_shard"
-        shard.counts[f"shards_{reason}"] += 1
-        shard.quarantine.append(
-            {
-                "shard": url,
-                "reason": reason,
-                "detail": f"{type(exc).__name__}: {exc}"[:300],
-                "samples_before_error": shard.counts["rows_read"],
-            }
-        )
-    shard.table = _table(rows)
-    return shard
+        chunks.fail("shard_too_large" if isinstance(exc, _ShardTooLarge) else "corrupt_shard", exc)
+    yield chunks.finish()
+
+
+def read_tar(url: str, limits: ImageLimits | None = None, shard: str | None = None) -> ImageShard:
+    """Read a whole webdataset tar (plain or gzip) into memory, member by member, never to disk.
+
+    A tar that cannot be read to its end is quarantined as `corrupt_shard`, one holding more
+    than `max_shard_bytes` uncompressed as `shard_too_large` (the samples read before are kept
+    and counted; the rest of the shard is unknown and said so). Streamed: `iter_image_shard`.
+    """
+    name = shard if shard is not None else fsio.shard_name(url)
+    return _collect(_iter_tar(url, name, limits or ImageLimits(), _COLLECT_ROWS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,76 +470,140 @@ def _image_column(table_schema: pa.Schema, url: str, name: str | None) -> str:
     )
 
 
-def read_parquet_images(
-    url: str, limits: ImageLimits | None = None, image_column: str | None = None
-) -> ImageShard:
-    """Read a Parquet table with an image-bytes column into an `ImageShard`.
+def _image_bytes_field(schema: pa.Schema, url: str, name: str | None) -> tuple[str, bool]:
+    """The image column's name and whether it is a struct holding `bytes`; checks its type."""
+    name = _image_column(schema, url, name)
+    typ = schema.field(name).type
+    is_struct = pa.types.is_struct(typ)
+    if is_struct:
+        if typ.get_field_index("bytes") < 0:
+            raise ValueError(
+                f"{url}: image column {name!r} is {typ}, not binary (a struct needs `bytes`)"
+            )
+        typ = typ.field("bytes").type
+    if not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
+        raise ValueError(f"{url}: image column {name!r} is {typ}, not binary")
+    return name, is_struct
+
+
+def _first(names: Sequence[str], *candidates: str) -> str | None:
+    return next((c for c in candidates if c in names), None)
+
+
+def _iter_parquet(
+    url: str, name: str, limits: ImageLimits, image_column: str | None, chunk_rows: int
+) -> Iterator[ImageShard]:
+    """Read record batches of `chunk_rows` rows (a row group at a time), on whole columns.
 
     Rows whose image is null or empty are dropped as `no_image`, rows whose bytes exceed
-    `max_member_bytes` as `member_too_large`; the rest is done on whole columns.
+    `max_member_bytes` as `member_too_large`. A file that is not Parquet, or whose data cannot
+    be decoded (`ArrowInvalid`), is quarantined as `corrupt_shard`; I/O errors propagate.
     """
     import pyarrow.compute as pc
 
-    limits = limits or ImageLimits()
+    chunks = _Chunker(name, url, chunk_rows)
     fs, path = url_to_fs(url)
-    try:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-    except pa.ArrowInvalid as exc:  # not Parquet / damaged; I/O errors propagate (retried)
-        shard = ImageShard(table=_table([]))
-        shard.counts["shards_corrupt_shard"] += 1
-        shard.quarantine.append({"shard": url, "reason": "corrupt_shard", "detail": str(exc)[:300]})
-        return shard
-    col_name = _image_column(table.schema, url, image_column)
-    img = table.column(col_name)
-    if pa.types.is_struct(img.type):
+    with fs.open(path, "rb") as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except pa.ArrowInvalid as exc:
+            chunks.fail("corrupt_shard", exc)
+            yield chunks.finish()
+            return
+        schema = pf.schema_arrow
+        img_name, is_struct = _image_bytes_field(schema, url, image_column)
+        src = {
+            "key": _first(schema.names, "key"),
+            "uid": _first(schema.names, "uid"),
+            "url": _first(schema.names, "url"),
+            "text": _first(schema.names, "text", "caption"),
+            "original_width": _first(schema.names, "original_width", "width"),
+            "original_height": _first(schema.names, "original_height", "height"),
+        }
+        wanted = [c for c in dict.fromkeys([*src.values(), img_name]) if c is not None]
+        batches = pf.iter_batches(batch_size=chunk_rows, columns=wanted)
+        offset = 0
+        while True:
+            try:
+                batch = next(batches, None)
+            except pa.ArrowInvalid as exc:
+                chunks.fail("corrupt_shard", exc)
+                break
+            if batch is None:
+                break
+            out = _parquet_rows(batch, src, img_name, is_struct, offset)
+            offset += batch.num_rows
+            lengths = pc.fill_null(pc.binary_length(out.column("image")), 0)
+            lengths = lengths.to_numpy(zero_copy_only=False)
+            reasons = np.where(
+                lengths == 0,
+                "no_image",
+                np.where(lengths > limits.max_member_bytes, "member_too_large", ""),
+            )
+            bad = np.flatnonzero(reasons != "")
+            if len(bad):
+                keys = out.column("key").to_pylist()
+                for i in bad:
+                    chunks.drop(keys[i], str(reasons[i]))
+                out = out.filter(pa.array(reasons == ""))
+            yield from chunks.add_table(out)
+    yield chunks.finish()
+
+
+def _parquet_rows(
+    batch: pa.RecordBatch,
+    src: dict[str, str | None],
+    img_name: str,
+    is_struct: bool,
+    offset: int,
+) -> pa.Table:
+    """A record batch of an image table as META_COLUMNS + `image` (no key: the row number)."""
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+
+    def strings(out: str) -> pa.Array:
+        c = src[out]
+        return batch.column(c).cast(pa.string()) if c else pa.nulls(n, pa.string())
+
+    def ints(out: str) -> pa.Array:
+        c = src[out]
+        return pc.cast(batch.column(c), pa.int32(), safe=False) if c else pa.nulls(n, pa.int32())
+
+    img = batch.column(img_name)
+    if is_struct:
         img = pc.struct_field(img, "bytes")
-    if not (pa.types.is_binary(img.type) or pa.types.is_large_binary(img.type)):
-        raise ValueError(f"{url}: image column {col_name!r} is {img.type}, not binary")
-    n = table.num_rows
     keys = (
-        table.column("key").cast(pa.string())
-        if "key" in table.column_names
-        else pa.array([f"{i:09d}" for i in range(n)], pa.string())
+        strings("key")
+        if src["key"]
+        else pa.array([f"{i:09d}" for i in range(offset, offset + n)], pa.string())
     )
-    uids = table.column("uid").cast(pa.string()) if "uid" in table.column_names else keys
-    text_col = next((c for c in ("text", "caption") if c in table.column_names), None)
-    null_str = pa.nulls(n, pa.string())
-
-    def ints(*names: str) -> pa.ChunkedArray | pa.Array:
-        for c in names:
-            if c in table.column_names:
-                return pc.cast(table.column(c), pa.int32(), safe=False)
-        return pa.nulls(n, pa.int32())
-
-    out = pa.table(
+    return pa.table(
         {
             "key": keys,
-            "uid": uids,
-            "url": table.column("url").cast(pa.string())
-            if "url" in table.column_names
-            else null_str,
-            "text": table.column(text_col).cast(pa.string()) if text_col else null_str,
-            "original_width": ints("original_width", "width"),
-            "original_height": ints("original_height", "height"),
+            "uid": strings("uid") if src["uid"] else keys,
+            "url": strings("url"),
+            "text": strings("text"),
+            "original_width": ints("original_width"),
+            "original_height": ints("original_height"),
             "image": img.cast(pa.binary()),
         }
     )
-    shard = ImageShard(table=out)
-    shard.counts["rows_read"] = n
-    lengths = pc.fill_null(pc.binary_length(out.column("image")), 0).to_numpy(zero_copy_only=False)
-    reasons = np.where(
-        lengths == 0,
-        "no_image",
-        np.where(lengths > limits.max_member_bytes, "member_too_large", ""),
-    )
-    bad = np.flatnonzero(reasons != "")
-    key_list = out.column("key").to_pylist() if len(bad) else []
-    for i in bad:
-        _drop(shard, url, key_list[i], str(reasons[i]))
-    if len(bad):
-        shard.table = out.filter(pa.array(reasons == ""))
-    return shard
+
+
+def read_parquet_images(
+    url: str,
+    limits: ImageLimits | None = None,
+    image_column: str | None = None,
+    shard: str | None = None,
+) -> ImageShard:
+    """Read a whole Parquet table with an image-bytes column into an `ImageShard`.
+
+    Rows whose image is null or empty are dropped as `no_image`, rows whose bytes exceed
+    `max_member_bytes` as `member_too_large`. Streamed: `iter_image_shard`.
+    """
+    name = shard if shard is not None else fsio.shard_name(url)
+    return _collect(_iter_parquet(url, name, limits or ImageLimits(), image_column, _COLLECT_ROWS))
 
 
 # ----------------------------------------------------------------------------------------------

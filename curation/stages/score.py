@@ -37,7 +37,7 @@ import pyarrow as pa
 from curation.core.accounting import quarantine_record
 from curation.core.stage import Resources, Shard, Stage, StageOutput
 from curation.io.datacomp import embedding_column
-from curation.io.images import ImageLimits, PixelTransform, decode_images, read_image_shard
+from curation.io.images import ImageLimits, PixelTransform, decode_images, iter_image_shard
 
 __all__ = [
     "CONFIG_DIR",
@@ -443,20 +443,20 @@ def decode_chunks(
     chunk_rows: int,
     image_column: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Read one image shard and yield decoded chunks (the CPU half of the score stage).
+    """Stream one image shard and yield decoded chunks (the CPU half of the score stage).
 
-    Each chunk: `meta` (the kept rows' metadata, image bytes dropped), `pixels` (uint8),
-    `counts` and `quarantine` for that chunk; the first chunk also carries the shard-level
-    counters (rows read, tar-level drops, a corrupt-shard record).
+    The shard is read one chunk ahead (`iter_image_shard`), so memory is bounded by a chunk,
+    not by the shard. Each chunk: `meta` (up to `chunk_rows` kept rows' metadata, image bytes
+    dropped), `pixels` (uint8), and `counts` and `quarantine` for the samples read with it; the
+    shard-level ones (a corrupt or too-large shard) ride on the last chunk.
     """
-    img = read_image_shard(shard.input, limits, image_column, shard=shard.name)
-    table = img.table
-    n = table.num_rows
-    for lo in range(0, max(n, 1), chunk_rows):
-        part = table.slice(lo, chunk_rows)
+    for img in iter_image_shard(
+        shard.input, limits, image_column, shard=shard.name, chunk_rows=chunk_rows
+    ):
+        part = img.table
         pixels, ok, failures, sizes = decode_images(part.column("image"), transform, limits)
-        counts: Counter = Counter(img.counts) if lo == 0 else Counter()
-        quarantine = list(img.quarantine) if lo == 0 else []
+        counts: Counter = Counter(img.counts)
+        quarantine = list(img.quarantine)
         if failures:
             keys = np.asarray(part.column("key").to_pylist(), dtype=object)[~ok]
             for key, (reason, detail) in zip(keys, failures, strict=True):

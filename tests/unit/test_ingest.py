@@ -17,10 +17,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
-from curation.stages.ingest import PAIR_SCHEMA, Ingestor, ShardResult, detect_format
-from curation.synth.wat import write_synthetic_pool
+from curation.core.stage import Shard, Source, StageOutput
 from curation.core.text import uid_of_url, uids_of_urls
+from curation.stages.ingest import PAIR_SCHEMA, Ingestor, detect_format
+from curation.synth.wat import write_synthetic_pool
 
 PAGE = "http://example.com/dir/sub/page.html"
 
@@ -82,11 +84,11 @@ def write(tmp_path, name: str, data: bytes) -> str:
     return str(p)
 
 
-def ingest(url: str, shard: str = "s", **kw) -> ShardResult:
+def ingest(url: str, shard: str = "s", **kw) -> StageOutput:
     return Ingestor(**kw).process_shard(url, shard)
 
 
-def rows(result: ShardResult) -> list[tuple]:
+def rows(result: StageOutput) -> list[tuple]:
     t = result.table
     return list(
         zip(
@@ -98,7 +100,7 @@ def rows(result: ShardResult) -> list[tuple]:
     )
 
 
-def reasons(result: ShardResult) -> list[str]:
+def reasons(result: StageOutput) -> list[str]:
     return [q["reason"] for q in result.quarantine]
 
 
@@ -106,8 +108,8 @@ def sha_uid(url: str) -> str:
     return hashlib.sha224(url.replace("\t", "").replace(" ", "").encode()).hexdigest()[:24]
 
 
-def check_invariants(result: ShardResult, shard: str = "s") -> None:
-    """What every ShardResult must satisfy, whatever the input."""
+def check_invariants(result: StageOutput, shard: str = "s") -> None:
+    """What every StageOutput must satisfy, whatever the input."""
     c = result.counts
     assert result.table.schema == PAIR_SCHEMA
     assert c["rows_written"] == result.table.num_rows
@@ -361,7 +363,7 @@ def test_wat_truncated_in_half_keeps_pairs_before_cut(tmp_path):
     assert "truncated_shard" in reasons(result)
     assert result.counts["shards_truncated"] == 1
     assert rows(result) == rows(full)[:complete]
-    assert result.input_bytes == cut
+    assert result.extra["input_bytes"] == cut
     check_invariants(result)
 
 
@@ -417,7 +419,7 @@ def test_wat_garbage_gzip_is_corrupt_shard(tmp_path):
     assert reasons(result) == ["corrupt_shard"]
     assert result.counts["shards_corrupt"] == 1
     assert result.table.num_rows == 0
-    assert result.input_sha256 == "sha256:" + hashlib.sha256(garbage).hexdigest()
+    assert result.extra["input_sha256"] == "sha256:" + hashlib.sha256(garbage).hexdigest()
     check_invariants(result)
 
 
@@ -449,8 +451,8 @@ def test_empty_file(tmp_path, name):
     assert reasons(result) == ["empty_file"]
     assert result.counts["shards_empty"] == 1
     assert result.table.num_rows == 0
-    assert result.input_bytes == 0
-    assert result.input_sha256 == "sha256:" + hashlib.sha256(b"").hexdigest()
+    assert result.extra["input_bytes"] == 0
+    assert result.extra["input_sha256"] == "sha256:" + hashlib.sha256(b"").hexdigest()
     check_invariants(result)
 
 
@@ -466,8 +468,8 @@ def test_missing_file(tmp_path, name):
 def test_input_sha256_and_bytes(tmp_path):
     data = warcinfo() + b"".join(_pages(5))
     result = ingest(write(tmp_path, "a.wat.gz", data))
-    assert result.input_bytes == len(data)
-    assert result.input_sha256 == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert result.extra["input_bytes"] == len(data)
+    assert result.extra["input_sha256"] == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def test_warcio_written_wat(tmp_path):
@@ -498,7 +500,7 @@ def test_warcio_written_wat(tmp_path):
         ("http://c.org/d.png", "second", "alt"),
     ]
     assert result.quarantine == []
-    assert result.input_sha256 == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert result.extra["input_sha256"] == "sha256:" + hashlib.sha256(data).hexdigest()
     check_invariants(result, "w")
 
 
@@ -509,7 +511,7 @@ def test_memory_url_same_as_local(tmp_path):
     fs.pipe("/ingest-unit/a.warc.wat.gz", data)
     mem = ingest("memory://ingest-unit/a.warc.wat.gz")
     assert mem.table.equals(local.table)
-    assert mem.input_sha256 == local.input_sha256
+    assert mem.extra["input_sha256"] == local.extra["input_sha256"]
     assert mem.quarantine == []
     # truncation detection works on memory:// too
     fs.pipe("/ingest-unit/t.warc.wat.gz", data[: len(data) - 20])
@@ -555,8 +557,8 @@ def test_parquet_input(tmp_path):
     assert c["rows_read"] == 6
     assert c["rows_dropped_missing_url"] == 2
     assert c["rows_dropped_empty_text"] == 1
-    assert result.input_sha256 == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    assert result.input_bytes == path.stat().st_size
+    assert result.extra["input_sha256"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert result.extra["input_bytes"] == path.stat().st_size
     check_invariants(result, "p")
 
 
@@ -599,7 +601,7 @@ JSONL_LINES = [
 ]
 
 
-def _check_jsonl(result: ShardResult) -> None:
+def _check_jsonl(result: StageOutput) -> None:
     t = result.table
     assert t.column("url").to_pylist() == ["http://a/1.jpg", "http://a/6.jpg", "http://a/9.jpg"]
     assert t.column("text").to_pylist() == ["one", "six", "ünï  code"]
@@ -624,14 +626,14 @@ def test_jsonl_input(tmp_path):
     data = b"\n".join(JSONL_LINES) + b"\n"
     result = ingest(write(tmp_path, "j.jsonl", data), shard="j")
     _check_jsonl(result)
-    assert result.input_sha256 == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert result.extra["input_sha256"] == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def test_jsonl_gz_input(tmp_path):
     data = gzip.compress(b"\n".join(JSONL_LINES), mtime=0)
     result = ingest(write(tmp_path, "j.jsonl.gz", data), shard="j")
     _check_jsonl(result)
-    assert result.input_bytes == len(data)
+    assert result.extra["input_bytes"] == len(data)
 
 
 def test_jsonl_all_lines_bad(tmp_path):
@@ -688,5 +690,209 @@ def test_synthetic_pool_pairs_per_file(tmp_path):
         assert max(len(x) for x in result.table.column("text").to_pylist()) <= 1000
         assert set(reasons(result)) <= {"bad_json", "bad_utf8"}
         with open(f, "rb") as fh:
-            assert result.input_sha256 == "sha256:" + hashlib.sha256(fh.read()).hexdigest()
+            assert result.extra["input_sha256"] == "sha256:" + hashlib.sha256(fh.read()).hexdigest()
         check_invariants(result, "synth")
+
+
+# -- the stage contract --------------------------------------------------------------------------
+
+
+def test_ingestor_is_a_source_with_extra_and_one_quarantine_schema(tmp_path):
+    assert issubclass(Ingestor, Source) and Ingestor.name == "ingest"
+    data = member(wat_doc(PAGE, [img("http://img.com/1.jpg", "one")])) + member(b"not json")
+    url = write(tmp_path, "a.wat.gz", data)
+    out = Ingestor().read(Shard(name="a", input=url))
+    assert isinstance(out, StageOutput)
+    assert out.extra == {
+        "input_bytes": len(data),
+        "input_sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
+    }
+    assert rows(out) == [("http://img.com/1.jpg", "one", "alt")]
+    [q] = out.quarantine
+    assert q == {
+        "stage": "ingest",
+        "shard": "a",
+        "input": url,
+        "reason": "bad_json",
+        "detail": q["detail"],
+        "record": 1,
+        "offset": len(data) - len(member(b"not json")),
+    }
+    # process_shard(url, shard_name) is read(Shard(shard_name, url))
+    again = Ingestor().process_shard(url, "a")
+    assert again.table.equals(out.table) and again.quarantine == out.quarantine
+    missing = Ingestor().read(Shard(name="m", input=str(tmp_path / "m.jsonl")))
+    assert missing.quarantine == [
+        {
+            "stage": "ingest",
+            "shard": "m",
+            "input": str(tmp_path / "m.jsonl"),
+            "reason": "missing_file",
+            "detail": missing.quarantine[0]["detail"],
+        }
+    ]
+    assert missing.extra["input_bytes"] == 0
+
+
+# -- storage errors propagate, only damage is quarantined -----------------------------------------
+
+
+class _FlakyFile(io.BytesIO):
+    """A file whose reads fail with OSError once they reach byte `fail_after` (a network drop)."""
+
+    def __init__(self, data: bytes, fail_after: int) -> None:
+        super().__init__(data)
+        self.fail_after = fail_after
+
+    def read(self, size: int | None = -1) -> bytes:
+        pos, total = self.tell(), len(self.getbuffer())
+        end = total if size is None or size < 0 else min(total, pos + size)
+        if end > self.fail_after:
+            raise OSError(f"injected storage error at byte {self.fail_after}")
+        return super().read(size)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class FlakyFileSystem(MemoryFileSystem):
+    """memory:// with its own store whose next `failures` opens (after `healthy_opens` good ones)
+    give files that fail at byte `fail_after`."""
+
+    protocol = "flakytest"
+    store: dict = {}
+    pseudo_dirs = [""]
+    fail_after = 0
+    failures = 0
+    healthy_opens = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("flakytest://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        cls = FlakyFileSystem
+        if mode != "rb":
+            return f
+        if cls.healthy_opens > 0:
+            cls.healthy_opens -= 1
+            return f
+        if cls.failures <= 0:
+            return f
+        cls.failures -= 1
+        return _FlakyFile(f.getvalue(), cls.fail_after)
+
+
+@pytest.fixture
+def flaky():
+    fsspec.register_implementation("flakytest", FlakyFileSystem, clobber=True)
+    FlakyFileSystem.store.clear()
+    fs = fsspec.filesystem("flakytest")
+
+    def put(name: str, data: bytes, fail_after: int, failures: int = 1, healthy_opens: int = 0):
+        fs.pipe(f"/flaky/{name}", data)
+        FlakyFileSystem.fail_after = fail_after
+        FlakyFileSystem.failures = failures
+        FlakyFileSystem.healthy_opens = healthy_opens
+        return f"flakytest://flaky/{name}"
+
+    yield put
+    FlakyFileSystem.store.clear()
+    FlakyFileSystem.failures = FlakyFileSystem.healthy_opens = 0
+
+
+def _pool_wat(n: int = 200, gz: bool = True) -> bytes:
+    pages = _pages(n)
+    return b"".join(pages) if gz else b"".join(gzip.decompress(p) for p in pages)
+
+
+@pytest.mark.parametrize("where", [0.0, 0.1, 0.5, 0.97])
+@pytest.mark.parametrize("name", ["a.warc.wat.gz", "a.warc.wat"])
+def test_wat_storage_error_mid_stream_raises_not_quarantined(flaky, name, where):
+    data = _pool_wat(gz=name.endswith(".gz"))
+    full = ingest(flaky(name, data, fail_after=0, failures=0))
+    assert full.table.num_rows == 200 and full.quarantine == []
+    url = flaky(name, data, fail_after=int(len(data) * where), failures=1)
+    # FastWARC reads through the hashing reader; the stream's OSError must come out as it is,
+    # not as corrupt_shard with the pairs read so far (a rerun would never retry that shard).
+    with pytest.raises(OSError, match="injected storage error"):
+        ingest(url)
+    retried = ingest(url)  # the executor's retry: the storage is back
+    assert retried.table.equals(full.table) and retried.quarantine == []
+    assert retried.extra == full.extra
+
+
+def test_wat_storage_error_every_time_raises(flaky):
+    url = flaky("a.warc.wat.gz", _pool_wat(), fail_after=5000, failures=100)
+    for _ in range(3):
+        with pytest.raises(OSError, match="injected"):
+            ingest(url)
+
+
+def test_wat_storage_error_in_the_tail_check_raises(flaky):
+    # the first open reads the whole file; the second one (the gzip tail check) fails
+    data = _pool_wat(20)
+    url = flaky("a.warc.wat.gz", data, fail_after=len(data) // 2, healthy_opens=1)
+    with pytest.raises(OSError, match="injected"):
+        ingest(url)
+
+
+def test_wat_damage_is_still_quarantined_though_fastwarc_raises_oserror(flaky):
+    # FastWARC reports bad gzip as an OSError too; with no storage error seen it is damage.
+    garbage = b"\x1f\x8b\x08\x00" + bytes(range(256)) * 8
+    result = ingest(flaky("g.wat.gz", garbage, fail_after=0, failures=0))
+    assert reasons(result) == ["corrupt_shard"]
+    assert "OSError" in result.quarantine[0]["detail"]
+
+
+@pytest.mark.parametrize("name", ["j.jsonl", "j.jsonl.gz", "p.parquet"])
+def test_table_storage_error_raises_not_quarantined(flaky, tmp_path, name):
+    if name.endswith(".parquet"):
+        pq.write_table(
+            pa.table({"url": ["http://a/1.jpg"] * 500, "text": ["t"] * 500}), tmp_path / name
+        )
+        data = (tmp_path / name).read_bytes()
+    else:
+        lines = b"\n".join(
+            json.dumps({"url": f"http://a/{i}.jpg", "text": "t"}).encode() for i in range(500)
+        )
+        data = gzip.compress(lines, mtime=0) if name.endswith(".gz") else lines
+    url = flaky(name, data, fail_after=len(data) // 2)
+    with pytest.raises(OSError, match="injected"):
+        ingest(url)
+    assert ingest(url).table.num_rows == 500
+
+
+def test_hashing_reader_keeps_raising_the_stream_error():
+    from curation.stages.ingest import _HashingReader
+
+    reader = _HashingReader(_FlakyFile(b"x" * 100, fail_after=10))
+    assert reader.read(5) == b"xxxxx"
+    with pytest.raises(OSError) as first:
+        reader.read(50)
+    with pytest.raises(OSError) as second:
+        reader.read(1)
+    assert reader.error is first.value is second.value
+    assert reader.nbytes == 5
+
+
+# -- JSONL columns -------------------------------------------------------------------------------
+
+
+def test_jsonl_columns_from_all_records_not_the_first_thousand(tmp_path):
+    records = [{"url": f"http://a/{i}.jpg", "text": f"t{i}"} for i in range(1500)]
+    records[1200]["uid"] = "given-uid"
+    records[1300]["text_key"] = "title"
+    records[1400]["page_url"] = "http://page/"
+    data = b"\n".join(json.dumps(r).encode() for r in records)
+    t = ingest(write(tmp_path, "late.jsonl", data)).table
+    assert t.num_rows == 1500
+    uids = t.column("uid").to_pylist()
+    assert uids[1200] == "given-uid"
+    assert uids[1199] == sha_uid("http://a/1199.jpg") and uids[1201] == sha_uid("http://a/1201.jpg")
+    assert t.column("text_key").to_pylist()[1300] == "title"
+    assert t.column("text_key").null_count == 1499
+    assert t.column("page_url").to_pylist()[1400] == "http://page/"
