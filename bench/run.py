@@ -39,7 +39,7 @@ def bench_ingest(tmp: Path) -> None:
     for f in s.files:
         r = ing.process_shard(f, Path(f).name)
         pairs += r.table.num_rows
-        nbytes += r.input_bytes
+        nbytes += r.extra["input_bytes"]
     dt = time.perf_counter() - t0
     print(
         f"ingest (1 core): {pairs:,} pairs, {nbytes / 1e6:.1f} MB gzip in {dt:.2f} s: "
@@ -50,6 +50,7 @@ def bench_ingest(tmp: Path) -> None:
 def bench_balance() -> None:
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from curation.stages.balance import Balancer, count_entries, entry_probabilities
 
@@ -60,17 +61,25 @@ def bench_balance() -> None:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
     uids = pa.array([f"{i:024x}" for i in rng.integers(0, 2**62, n)])
-    table = pa.table({"uid": uids, "entry_ids": ids})
+    # alt texts of 4-20 words (~60 bytes on average), drawn from a pool of 100k distinct ones
+    vocab = ["a", "photo", "of", "the", "cat", "dog", "on", "red", "blue", "green", "house"]
+    words = rng.integers(0, len(vocab), (100_000, 20))
+    sizes = rng.integers(4, 25, 100_000)
+    pool = [" ".join(vocab[w] for w in row[:k]) for row, k in zip(words, sizes, strict=True)]
+    texts = pa.array(pool).take(pa.array(rng.integers(0, len(pool), n)))
+    table = pa.table({"uid": uids, "text": texts, "entry_ids": ids})
     t0 = time.perf_counter()
     counts = count_entries(table.column("entry_ids"), n_entries)
     dc = time.perf_counter() - t0
     bal = Balancer(entry_probabilities(counts, 1000), seed=0)
     t0 = time.perf_counter()
-    kept, c = bal.process(table)
+    kept = bal.process(table).table
     db = time.perf_counter() - t0
+    text_bytes = pc.sum(pc.binary_length(texts)).as_py() / n
     print(
         f"count (1 core): {n / dc:,.0f} rows/s; balance (1 core): {n:,} rows "
-        f"({int(lengths.sum()):,} matches) in {db:.2f} s: {n / db:,.0f} rows/s, kept {kept.num_rows:,}"
+        f"({int(lengths.sum()):,} matches, texts {text_bytes:.0f} bytes on average) in {db:.2f} s: "
+        f"{n / db:,.0f} rows/s, kept {kept.num_rows:,}"
     )
 
 

@@ -6,10 +6,12 @@ hash of (seed, uid, text, entry_id) → uniform [0, 1): the row is kept when any
 draws is below p_e. That is exactly the probability above (draws are independent per entry), is
 independent of worker count, order and retries, and is nested: a larger t keeps a superset.
 
-The draws are per text, as in MetaCLIP (`metaclip1/balancing.py` draws per text of an image,
-`metaclip1/indexing/balance_sampling.py` per (entry, text) of its inverted index): two texts of
-one image (its alt and its title, or the same image on many pages) are sampled independently,
-while the same (uid, text) pair seen twice gets the same draws and is kept or dropped together.
+The draws are per text, as in MetaCLIP's balancing (`metaclip1/balancing.py` samples each text
+of an image, `metaclip1/indexing/balance_sampling.py` draws per (entry, text) of its inverted
+index): two texts of one image (its alt and its title, or the same image on many pages) are
+sampled independently, while the same (uid, text) pair seen twice gets the same draws and is
+kept or dropped together. (MetaCLIP 2's `curation/curate.py` instead keeps one text per image,
+picked at random, and keeps the image with that text's probability.)
 
 The hash is fixed by this code, not by a library: MurmurHash64A (seed 0) of each string's UTF-8
 bytes, computed on whole columns 8 bytes at a time; a row's key is H(uid) xor c·H(text) (c odd),
@@ -24,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.arrow import string_buffers
 from curation.core.stage import Stage, StageOutput
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -57,7 +60,9 @@ def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
         strings = (
             strings.combine_chunks() if strings.num_chunks else pa.array([], pa.large_string())
         )
-    strings = pc.fill_null(pc.cast(strings, pa.large_string()), "")
+    if not (pa.types.is_string(strings.type) or pa.types.is_large_string(strings.type)):
+        strings = pc.cast(strings, pa.large_string())
+    strings = pc.fill_null(strings, "")
     with np.errstate(over="ignore"):
         h = _murmur_state(strings, _LONG_BYTES)
         h ^= h >> _MURMUR_R
@@ -66,21 +71,19 @@ def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return h
 
 
-def _murmur_state(strings: pa.LargeStringArray, long_bytes: int) -> np.ndarray:
+def _murmur_state(strings: pa.Array, long_bytes: int) -> np.ndarray:
     """MurmurHash64A's state after the 8-byte blocks and the tail (before the final mix).
 
     Strings longer than `long_bytes` are hashed apart, so that a block of rows takes as many
     passes as its longest short string, not as the few very long ones (alt texts have a tail).
     """
     n = len(strings)
-    bufs = strings.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[strings.offset : strings.offset + n + 1]
+    data, offsets = string_buffers(strings)
     lengths = offsets[1:] - offsets[:-1]
     h = lengths.astype(np.uint64) * _MURMUR_M  # seed ^ (len * m), seed 0
     long_rows = np.flatnonzero(lengths > long_bytes)
     if len(long_rows):
         h[long_rows] = _murmur_state(strings.take(pa.array(long_rows)), np.iinfo(np.int64).max)
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else None
     for r0 in range(0, n, _BLOCK_ROWS):
         r1 = min(n, r0 + _BLOCK_ROWS)
         lo, hi = int(offsets[r0]), int(offsets[r1])

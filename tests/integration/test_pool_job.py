@@ -108,7 +108,7 @@ def reference_balance(tables: list[pa.Table], metadata: str) -> list[pa.Table]:
     matched = [m.process(t) for t in tables]
     counts = sum(count_entries(t.column("entry_ids"), len(md)) for t in matched)
     probs = entry_probabilities(counts, T)
-    return [Balancer(probs, SEED).process(t)[0] for t in matched]
+    return [Balancer(probs, SEED).process(t).table for t in matched]
 
 
 def assert_reconciles(manifest: dict) -> None:

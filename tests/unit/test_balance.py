@@ -1,4 +1,5 @@
-"""Balancing: counter-based draws, MetaCLIP's keep probability, determinism and nesting."""
+"""Balancing: counter-based draws per (seed, uid, text, entry), MetaCLIP's keep probability,
+determinism and nesting."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from curation.core.stage import Stage, StageOutput
+from curation.stages import balance
 from curation.stages.balance import (
     Balancer,
     count_entries,
     entry_probabilities,
     p_to_t,
+    row_keys,
     stable_hash64,
     t_to_p,
     uniform_draws,
@@ -20,37 +24,61 @@ ENTRY_IDS = pa.list_(pa.uint32())
 M64 = (1 << 64) - 1
 
 
-def table(uids: list[str], entry_ids: list[list[int] | None]) -> pa.Table:
+def table(
+    uids: list[str], entry_ids: list[list[int] | None], texts: list[str] | None = None
+) -> pa.Table:
     return pa.table(
-        {"uid": pa.array(uids, pa.string()), "entry_ids": pa.array(entry_ids, ENTRY_IDS)}
+        {
+            "uid": pa.array(uids, pa.string()),
+            "text": pa.array(texts if texts is not None else ["a photo"] * len(uids), pa.string()),
+            "entry_ids": pa.array(entry_ids, ENTRY_IDS),
+        }
     )
 
 
 def ref_hash64(s: str) -> int:
-    """The documented rule written out by hand: FNV-1a 64, xor length, then SplitMix64."""
+    """MurmurHash64A (seed 0) of the UTF-8 bytes, written out by hand from Appleby's C code."""
     data = s.encode("utf-8")
-    h = 0xCBF29CE484222325
-    for byte in data:
-        h = ((h ^ byte) * 0x100000001B3) & M64
-    h = ((h ^ len(data)) * 0x100000001B3) & M64
-    x = (h + 0x9E3779B97F4A7C15) & M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
-    return x ^ (x >> 31)
+    m, r = 0xC6A4A7935BD1E995, 47
+    h = (len(data) * m) & M64
+    nblocks = len(data) // 8
+    for i in range(nblocks):
+        k = int.from_bytes(data[8 * i : 8 * i + 8], "little")
+        k = (k * m) & M64
+        k ^= k >> r
+        k = (k * m) & M64
+        h = ((h ^ k) * m) & M64
+    tail = data[8 * nblocks :]
+    if tail:
+        h = ((h ^ int.from_bytes(tail, "little")) * m) & M64
+    h ^= h >> r
+    h = (h * m) & M64
+    return h ^ (h >> r)
+
+
+def run(balancer: Balancer, t: pa.Table) -> tuple[pa.Table, dict]:
+    out = balancer.process(t)
+    assert isinstance(out, StageOutput) and out.quarantine == [] and out.extra == {}
+    return out.table, out.counts
 
 
 def kept_uids(balancer: Balancer, t: pa.Table) -> set[str]:
-    kept, _ = balancer.process(t)
-    return set(kept.column("uid").to_pylist())
+    return set(run(balancer, t)[0].column("uid").to_pylist())
+
+
+def kept_pairs(balancer: Balancer, t: pa.Table) -> set[tuple[str, str]]:
+    kept = run(balancer, t)[0]
+    return set(zip(kept.column("uid").to_pylist(), kept.column("text").to_pylist(), strict=True))
 
 
 # -- stable_hash64 -------------------------------------------------------------------------------
 
+# MurmurHash64A(s, seed 0), as computed by the C implementation in the `murmurhash` package.
 PINNED = {
-    "": 0x71B8262BB6E2E086,
-    "a": 0x266EF8C8C52F4B42,
-    "hello": 0x8A9C4CDC09AE015C,
-    "ünï": 0x7D473DB3A4CFE1A9,
+    "": 0x0,
+    "a": 0x071717D2D36B6B11,
+    "hello": 0x1E68D17C457BF117,
+    "ünï": 0xB396DB3FADA6ECA9,
 }
 
 
@@ -59,6 +87,7 @@ def test_stable_hash64_pinned_values():
     got = stable_hash64(pa.array(list(PINNED), pa.string()))
     assert got.dtype == np.uint64
     assert [int(x) for x in got] == list(PINNED.values())
+    assert [ref_hash64(s) for s in PINNED] == list(PINNED.values())
 
 
 def test_stable_hash64_matches_reference_rule_and_is_deterministic():
@@ -70,6 +99,21 @@ def test_stable_hash64_matches_reference_rule_and_is_deterministic():
     assert [int(x) for x in got] == [ref_hash64(s) for s in strings]
     assert np.array_equal(got, stable_hash64(arr))
     assert len(set(got.tolist())) == len(strings)  # no collisions on a small set
+
+
+@pytest.mark.parametrize("block_rows, long_bytes", [(1 << 14, 256), (5, 12), (1 << 20, 1 << 40)])
+def test_stable_hash64_every_length_offset_and_block(monkeypatch, block_rows, long_bytes):
+    # every length 0..70 at every byte alignment, long strings hashed apart, blocks of rows
+    monkeypatch.setattr(balance, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(balance, "_LONG_BYTES", long_bytes)
+    rng = np.random.default_rng(0)
+    alphabet = list("abcxyz é日\t0")
+    strings = ["".join(rng.choice(alphabet, size=n)) for n in range(71) for _ in range(3)]
+    strings += ["q" * 1000, "", "ü" * 333, None, "24-hex-uid-like-0123456"]
+    got = stable_hash64(pa.array(strings, pa.string()))
+    assert [int(x) for x in got] == [ref_hash64(s or "") for s in strings]
+    uids = [f"{i:024x}" for i in range(100)]  # one length: the fast path
+    assert [int(x) for x in stable_hash64(pa.array(uids))] == [ref_hash64(u) for u in uids]
 
 
 def test_stable_hash64_nulls_hash_as_empty_string():
@@ -94,6 +138,19 @@ def test_stable_hash64_sliced_and_chunked_equal_contiguous():
 
 def test_stable_hash64_empty():
     assert len(stable_hash64(pa.array([], pa.string()))) == 0
+    assert len(stable_hash64(pa.chunked_array([], pa.string()))) == 0
+    assert stable_hash64(pa.array(["", ""])).tolist() == [0, 0]
+
+
+def test_row_keys_follow_the_documented_rule():
+    uids, texts = ["u1", "u1", "u2", ""], ["alt", "title", "alt", ""]
+    got = row_keys(pa.array(uids), pa.chunked_array([texts[:1], texts[1:]]))
+    golden = 0x9E3779B97F4A7C15
+    want = [
+        ref_hash64(u) ^ ((ref_hash64(t) * golden) & M64) for u, t in zip(uids, texts, strict=True)
+    ]
+    assert [int(x) for x in got] == want
+    assert len(set(want[:3])) == 3
 
 
 # -- uniform_draws -------------------------------------------------------------------------------
@@ -234,21 +291,23 @@ def test_count_entries_rejects_out_of_range_id():
 
 def zipf_pool(
     num_entries: int = 50, top: int = 2000
-) -> tuple[list[str], list[list[int]], np.ndarray]:
+) -> tuple[list[str], list[list[int]], np.ndarray, list[str]]:
+    """Rows matching one entry each, entry e in top/(e+1) rows; images have two texts each."""
     counts = np.maximum(1, (top / np.arange(1, num_entries + 1)).astype(np.int64))
-    uids, ids = [], []
+    uids, ids, texts = [], [], []
     for e, c in enumerate(counts):
         for i in range(c):
-            uids.append(f"e{e}-r{i}")
+            uids.append(f"img{len(uids) // 2}")
+            texts.append(f"text {e} {i}")
             ids.append([e])
-    return uids, ids, counts
+    return uids, ids, counts, texts
 
 
 def test_expected_kept_per_entry_is_min_count_t():
-    uids, ids, counts = zipf_pool()
+    uids, ids, counts, texts = zipf_pool()
     t = 100
     probs = entry_probabilities(counts, t)
-    kept, stats = Balancer(probs, seed=7).process(table(uids, ids))
+    kept, stats = run(Balancer(probs, seed=7), table(uids, ids, texts))
     per_entry = count_entries(kept.column("entry_ids"), len(counts)).astype(np.float64)
     expected = np.minimum(counts, t)
     sd = np.sqrt(counts * probs * (1 - probs))
@@ -296,7 +355,7 @@ def test_rows_without_matches_dropped_and_counters_reconcile():
         ids.append([] if i % 4 == 0 else None if i % 4 == 1 else [i % 3, (i + 1) % 3])
     probs = np.array([0.2, 0.4, 0.6])
     tbl = table(uids, ids)
-    kept, stats = Balancer(probs, seed=11).process(tbl)
+    kept, stats = run(Balancer(probs, seed=11), tbl)
     assert stats["rows_read"] == 400
     assert stats["rows_dropped_no_match"] == 200
     assert stats["rows_written"] == kept.num_rows
@@ -316,43 +375,43 @@ def test_rows_without_matches_dropped_and_counters_reconcile():
 
 def test_no_match_rows_dropped_even_with_probability_one():
     tbl = table(["a", "b", "c"], [[], None, [0]])
-    kept, stats = Balancer(np.array([1.0]), seed=0).process(tbl)
+    kept, stats = run(Balancer(np.array([1.0]), seed=0), tbl)
     assert kept.column("uid").to_pylist() == ["c"]
     assert stats["rows_dropped_no_match"] == 2
     assert stats["rows_dropped_not_sampled"] == 0
 
 
 def test_empty_table_and_missing_columns():
-    kept, stats = Balancer(np.array([0.5]), seed=0).process(table([], []))
+    kept, stats = run(Balancer(np.array([0.5]), seed=0), table([], []))
     assert kept.num_rows == 0 and stats["rows_read"] == 0 and stats["rows_written"] == 0
-    with pytest.raises(ValueError, match="entry_ids"):
-        Balancer(np.array([0.5]), seed=0).process(pa.table({"uid": ["a"]}))
-    with pytest.raises(ValueError, match="uid"):
-        Balancer(np.array([0.5]), seed=0).process(
-            pa.table({"entry_ids": pa.array([[0]], ENTRY_IDS)})
-        )
+    full = table(["a"], [[0]], ["t"])
+    for col in ("uid", "text", "entry_ids"):
+        with pytest.raises(ValueError, match=f"balance needs a '{col}' column"):
+            Balancer(np.array([0.5]), seed=0).process(full.drop_columns([col]))
 
 
 def test_balance_independent_of_order_and_splitting():
-    uids, ids, counts = zipf_pool(30, 600)
+    uids, ids, counts, texts = zipf_pool(30, 600)
     probs = entry_probabilities(counts, 40)
     bal = Balancer(probs, seed=5)
-    whole = kept_uids(bal, table(uids, ids))
+    whole = kept_pairs(bal, table(uids, ids, texts))
     assert 0 < len(whole) < len(uids)
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(uids))
-    shuffled = kept_uids(bal, table([uids[i] for i in perm], [ids[i] for i in perm]))
-    assert shuffled == whole
+
+    def part(idx):
+        return table([uids[i] for i in idx], [ids[i] for i in idx], [texts[i] for i in idx])
+
+    assert kept_pairs(bal, part(perm)) == whole
     cut = len(uids) // 3
-    a = table([uids[i] for i in perm[:cut]], [ids[i] for i in perm[:cut]])
-    b = table([uids[i] for i in perm[cut:]], [ids[i] for i in perm[cut:]])
-    assert kept_uids(Balancer(probs, seed=5), a) | kept_uids(Balancer(probs, seed=5), b) == whole
+    a, b = part(perm[:cut]), part(perm[cut:])
+    assert kept_pairs(Balancer(probs, seed=5), a) | kept_pairs(Balancer(probs, seed=5), b) == whole
     # a multi-chunk table behaves like a contiguous one
     chunked = pa.concat_tables([a, b])
     assert chunked.column("uid").num_chunks == 2
-    assert kept_uids(bal, chunked) == whole
+    assert kept_pairs(bal, chunked) == whole
     # another seed gives another sample
-    assert kept_uids(Balancer(probs, seed=6), table(uids, ids)) != whole
+    assert kept_pairs(Balancer(probs, seed=6), table(uids, ids, texts)) != whole
 
 
 def test_entry_order_within_a_row_does_not_matter():
@@ -365,20 +424,88 @@ def test_entry_order_within_a_row_does_not_matter():
 
 
 def test_nested_larger_t_keeps_superset():
-    uids, ids, counts = zipf_pool(40, 1500)
-    # add multi-entry rows too
+    uids, ids, counts, texts = zipf_pool(40, 1500)
+    # add multi-entry rows too, three texts per image
     for i in range(500):
-        uids.append(f"multi-{i}")
+        uids.append(f"multi-{i // 3}")
+        texts.append(f"multi text {i}")
         ids.append([i % 40, (i * 7) % 40])
     counts = count_entries(pa.array(ids, ENTRY_IDS), 40)
-    tbl = table(uids, ids)
-    previous: set[str] | None = None
+    tbl = table(uids, ids, texts)
+    previous: set[tuple[str, str]] | None = None
     sizes = []
     for t in (5, 20, 50, 200, 2000):
-        kept = kept_uids(Balancer(entry_probabilities(counts, t), seed=123), tbl)
+        kept = kept_pairs(Balancer(entry_probabilities(counts, t), seed=123), tbl)
         if previous is not None:
             assert previous <= kept
         previous = kept
         sizes.append(len(kept))
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
     assert sizes[-1] == len(uids)  # t above every count keeps everything
+
+
+def test_balancer_is_a_stage_returning_stage_output():
+    assert issubclass(Balancer, Stage) and Balancer.name == "balance"
+    out = Balancer(np.array([1.0, 0.0]), seed=0).process(table(["a", "b", "c"], [[0], [1], []]))
+    assert isinstance(out, StageOutput)
+    assert out.table.column("uid").to_pylist() == ["a"]
+    assert dict(out.counts) == {
+        "rows_read": 3,
+        "rows_written": 1,
+        "rows_dropped_no_match": 1,
+        "rows_dropped_not_sampled": 1,
+    }
+    assert out.quarantine == [] and out.extra == {}
+
+
+# -- per text, as in MetaCLIP --------------------------------------------------------------------
+
+
+def test_texts_of_one_image_are_sampled_independently():
+    # MetaCLIP draws per text: an image's alt and title (or its texts on many pages) are kept or
+    # dropped independently, not together.
+    n = 20_000
+    uids = [f"img{i}" for i in range(n) for _ in range(2)]
+    texts = [t for i in range(n) for t in (f"alt of {i}", f"title of {i}")]
+    keep, _ = Balancer(np.array([0.5]), seed=4).keep_mask(table(uids, [[0]] * (2 * n), texts))
+    alt, title = keep[0::2], keep[1::2]
+    sd = np.sqrt(0.25 / n)
+    assert abs(alt.mean() - 0.5) < 5 * sd and abs(title.mean() - 0.5) < 5 * sd
+    assert abs(np.mean(alt != title) - 0.5) < 5 * sd
+    assert abs(np.mean(alt & title) - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n)
+
+
+def test_same_uid_and_text_twice_agree():
+    # the same pair seen twice (one image with one alt text on two pages) is kept or dropped once
+    n = 5000
+    uids = [f"img{i}" for i in range(n)]
+    texts = [f"a cat number {i % 50}" for i in range(n)]
+    ids = [[i % 3, 3] for i in range(n)]
+    probs = np.array([0.2, 0.5, 0.7, 0.1])
+    bal = Balancer(probs, seed=8)
+    perm = np.random.default_rng(1).permutation(n)
+    twice = table(
+        uids + [uids[i] for i in perm],
+        ids + [ids[i] for i in perm],
+        texts + [texts[i] for i in perm],
+    )
+    keep, _ = bal.keep_mask(twice)
+    assert np.array_equal(keep[n:], keep[:n][perm])
+    assert 0 < keep[:n].sum() < n
+    # and the same in another table, another chunk layout, another worker
+    alone, _ = Balancer(probs, seed=8).keep_mask(
+        pa.concat_tables([twice.slice(0, 7), twice.slice(7, n - 7)])
+    )
+    assert np.array_equal(alone, keep[:n])
+
+
+@pytest.mark.parametrize("probs", [[0.3, 0.5], [0.5], [0.3, 0.5, 0.1]])
+def test_keep_probability_holds_for_the_texts_of_one_image(probs):
+    # every row is the same image with another text: the rows are still kept with
+    # 1 - prod(1 - p_e) each, since the draws are per text
+    n = 20_000
+    entries = list(range(len(probs)))
+    t = table(["one-image"] * n, [entries] * n, [f"caption {i}" for i in range(n)])
+    keep, _ = Balancer(np.array(probs), seed=3).keep_mask(t)
+    want = 1 - np.prod(1 - np.array(probs))
+    assert abs(keep.mean() - want) < 5 * np.sqrt(want * (1 - want) / n)

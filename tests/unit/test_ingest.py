@@ -738,16 +738,19 @@ def test_ingestor_is_a_source_with_extra_and_one_quarantine_schema(tmp_path):
 
 
 class _FlakyFile(io.BytesIO):
-    """A file whose reads fail with OSError once they reach byte `fail_after` (a network drop)."""
+    """A file whose first read that reaches byte `fail_after` fails with OSError (a transient
+    network drop); later reads succeed again, as a remote file's next range request would."""
 
     def __init__(self, data: bytes, fail_after: int) -> None:
         super().__init__(data)
         self.fail_after = fail_after
+        self.failed = False
 
     def read(self, size: int | None = -1) -> bytes:
         pos, total = self.tell(), len(self.getbuffer())
         end = total if size is None or size < 0 else min(total, pos + size)
-        if end > self.fail_after:
+        if end > self.fail_after and not self.failed:
+            self.failed = True
             raise OSError(f"injected storage error at byte {self.fail_after}")
         return super().read(size)
 
@@ -759,7 +762,7 @@ class _FlakyFile(io.BytesIO):
 
 class FlakyFileSystem(MemoryFileSystem):
     """memory:// with its own store whose next `failures` opens (after `healthy_opens` good ones)
-    give files that fail at byte `fail_after`."""
+    give files with one failing read at byte `fail_after`."""
 
     protocol = "flakytest"
     store: dict = {}
