@@ -139,10 +139,13 @@ def run_stage(
     part_options: dict[str, Any] | None = None,
     max_in_flight: int | None = None,
     progress: bool = True,
+    check_inputs: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Run `stage` over every shard not yet done; each shard's marker, in shard order.
 
     The stage object goes to the object store once; every task of this run shares it.
+    `check_inputs`: redo a done shard whose input changed after its marker (for inputs from
+    outside the run; a job's own earlier stages are fingerprinted upstream instead).
     """
     import ray
 
@@ -159,6 +162,7 @@ def run_stage(
         num_gpus=stage.resources.gpus,
         max_in_flight=max_in_flight,
         progress=progress,
+        check_inputs=check_inputs,
     )
 
 
@@ -175,7 +179,11 @@ def run_tasks(
     max_in_flight: int | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Run `task(shard, stage_dir, *args)` (which writes its output and marker) per shard."""
+    """Run `task(shard, stage_dir, *args)` (which writes its output and marker) per shard.
+
+    A shard's "input" here is the task's own working file (a synthetic shard it writes, a
+    staged table), so it is not checked for being newer than the marker.
+    """
     return _schedule(
         name,
         stage_dir,
@@ -187,6 +195,7 @@ def run_tasks(
         num_cpus=num_cpus,
         max_in_flight=max_in_flight,
         progress=progress,
+        check_inputs=False,
     )
 
 
@@ -203,10 +212,11 @@ def _schedule(
     num_gpus: float = 0,
     max_in_flight: int | None = None,
     progress: bool = True,
+    check_inputs: bool = True,
 ) -> dict[str, dict[str, Any]]:
     import ray
 
-    done, todo = done_and_todo(stage_dir, shards, fp, overwrite)
+    done, todo = done_and_todo(stage_dir, shards, fp, overwrite, check_inputs)
     remote = ray.remote(
         num_cpus=num_cpus,
         num_gpus=num_gpus,

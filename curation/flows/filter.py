@@ -76,7 +76,9 @@ def filter_stage(
 ) -> dict[str, Any]:
     """Fit (pass 1, when needed) and apply `filt` to `shards` into `stage_dir`; the summary.
 
-    `fp` is the stage fingerprint (the fitted parameters are added to it).
+    `fp` is the stage fingerprint (the fitted parameters are added to it). Shards from a pool
+    are checked for changes since their markers; derived shards (`pool_urls`) are a job's own
+    earlier stage, fingerprinted upstream.
     """
     filt.prepare()
     if filt.needs_fit:
@@ -89,6 +91,7 @@ def filter_stage(
         fp={**fp, "fit": fit},
         overwrite=overwrite,
         progress=progress,
+        check_inputs=not pool_urls,
     )
     summary = summarize("filter", markers)
     summary["combine"] = filt.combine

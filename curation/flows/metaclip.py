@@ -95,11 +95,13 @@ def match(
     overwrite: bool = False,
     progress: bool = True,
     upstream: str = "",
+    check_inputs: bool | None = None,
 ) -> dict:
     """Match every part of `inp` (a folder, or shards) against `metadata` into `stage_dir`.
 
     `upstream` fingerprints the stage before it in a job (its outputs' identity); a standalone
-    run fingerprints its input files instead.
+    run fingerprints its input files instead (and redoes a shard whose input changed since;
+    `check_inputs` says so explicitly, e.g. for a job's pool shards).
     """
     shards = parts_of(inp) if isinstance(inp, str) else list(inp)
     md = load_metadata(metadata)
@@ -117,7 +119,10 @@ def match(
         "upstream": upstream,
         "inputs": [] if upstream else inputs_fingerprint([s.input for s in shards]),
     }
-    markers = run_stage(stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress)
+    markers = run_stage(
+        stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress,
+        check_inputs=not upstream if check_inputs is None else check_inputs,
+    )  # fmt: skip
     summary = summarize("match", markers)
     summary["metadata"] = {"path": metadata, "entries": len(md), "checksum": md.checksum}
     summary["_markers"] = markers
@@ -212,7 +217,10 @@ def balance(
         "counts": fingerprint(counts.tolist()),
         "inputs": [] if upstream else inputs_fingerprint([s.input for s in shards]),
     }
-    markers = run_stage(stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress)
+    markers = run_stage(
+        stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress,
+        check_inputs=not upstream,
+    )  # fmt: skip
     summary = summarize("balance", markers)
     summary["_markers"] = markers
     return summary

@@ -115,6 +115,7 @@ def run_pool_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool
                 fsio.join(out, "match"),
                 **kw,
                 row_index=POOL_ROW,
+                check_inputs=True,  # the pool's own shards
                 overwrite=overwrite,
                 progress=progress,
                 upstream=up,

@@ -72,6 +72,7 @@ _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 #: Row index into the pool shard, added by jobs so derived tables can find `.npz` embeddings.
 POOL_ROW = "pool_row"
 
+
 def uids_to_pairs(
     uids: pa.Array | pa.ChunkedArray | Sequence[str], where: str = "uids"
 ) -> np.ndarray:

@@ -189,20 +189,25 @@ def done_markers(stage_dir: str) -> dict[str, dict[str, Any]]:
 
 
 def done_and_todo(
-    stage_dir: str, shards: Sequence[Shard], fp: dict[str, Any], overwrite: bool
+    stage_dir: str,
+    shards: Sequence[Shard],
+    fp: dict[str, Any],
+    overwrite: bool,
+    check_inputs: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], list[Shard]]:
     """Prepare the stage folder; split shards into done (their markers) and still to do.
 
     A shard whose input was modified after its marker was written is stale (like `make`): its
     old part is not reused, the shard is done again (outputs are deterministic, so an input
-    rewritten with the same bytes gives the same part).
+    rewritten with the same bytes gives the same part). `check_inputs=False` skips that for
+    steps whose "inputs" are their own working files.
     """
     prepare_stage_dir(stage_dir, fp, overwrite)
     listing = _marker_listing(stage_dir)
     fs, _ = fsio.url_to_fs(stage_dir)
     stale = []
     for s in shards:
-        if s.name in listing and _newer(s.input, modified_time(listing[s.name])):
+        if check_inputs and s.name in listing and _newer(s.input, modified_time(listing[s.name])):
             stale.append(s)
     if stale:
         names = ", ".join(s.input for s in stale[:3])
