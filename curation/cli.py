@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 from typing import Any
 
 import click
@@ -25,6 +28,22 @@ OVERWRITE = click.option(
     help="Replace results of a different earlier job in the output folder.",
 )
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+NO_GLOB = click.option(
+    "--no-glob",
+    is_flag=True,
+    help="Take the inputs as literal paths (folders are still walked): no brace or glob "
+    "expansion, for names with [ ] { } * ? in them. Without it, a path that exists as written "
+    "is taken as it is, and a backslash escapes one character: 'shard\\[1\\].tar'.",
+)
+
+
+def _literal(paths: tuple[str, ...], no_glob: bool) -> list[str]:
+    """`paths` as given, or with --no-glob escaped so that no brace or glob pattern expands."""
+    if not no_glob:
+        return list(paths)
+    from curation.core.fsio import escape_glob
+
+    return [escape_glob(p) for p in paths]
 
 
 def _ray(address: str | None, num_cpus: int | None) -> None:
@@ -39,18 +58,103 @@ def _echo_summary(title: str, summary: dict[str, Any]) -> None:
     click.echo(f"{title}: " + json.dumps(public(summary), indent=2, sort_keys=True))
 
 
+#: What to do about an OSError, by errno (the message already names the path).
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on the device: free some or choose another -o",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose another -o",
+    errno.EACCES: "permission denied: choose a folder you can write (and read)",
+    errno.EPERM: "operation not permitted: choose a folder you can write (and read)",
+    errno.EROFS: "read-only file system: choose a writable -o",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EISDIR: "this is a folder, not a file",
+    errno.ELOOP: "a symbolic link that loops: remove it",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def _is_ray_task_error(exc: BaseException) -> bool:
+    """`ray.exceptions.RayTaskError` (also the dual class `ray.get` raises), known by name: only
+    the executor imports ray."""
+    return any(
+        c.__name__ == "RayTaskError" and c.__module__ == "ray.exceptions" for c in type(exc).__mro__
+    )
+
+
+def _user_message(exc: BaseException) -> str | None:
+    """One line for an error the user can act on, or None for a bug (keeps its traceback)."""
+    from curation.config.job import JobSpecError
+    from curation.core import fsio
+    from curation.core.metadata import MetadataError
+    from curation.io.parts import ResumeError
+
+    if _is_ray_task_error(exc):
+        cause = exc.cause
+        if cause is None or cause is exc:
+            return None
+        if _is_ray_task_error(cause):  # a task that awaited another task: name the inner
+            return _user_message(cause)
+        inner = _user_message(cause)
+        # The instance `ray.get` raises (`as_instanceof_cause`) lacks `function_name`; its text
+        # starts with `ray::<task>()`.
+        name = getattr(exc, "__dict__", {}).get("function_name") or ""
+        m = re.search(r"ray::([\w.]+)", name or str(exc))
+        task = m[1] if m else (name or "?")
+        return None if inner is None else f"in Ray task {task.rsplit('.', 1)[-1]}: {inner}"
+    if isinstance(exc, (JobSpecError, MetadataError, ResumeError, FileNotFoundError, ValueError)):
+        return str(exc)
+    if isinstance(exc, ImportError):
+        return _missing_package(exc)
+    if isinstance(exc, OSError):
+        if isinstance(exc, fsio.InputError):
+            return str(exc)
+        if exc.errno in _OS_HINTS:
+            return f"{exc} ({_OS_HINTS[exc.errno]})"
+        return f"{type(exc).__name__}: {exc}" if exc.errno is None else str(exc)
+    if any(c.__module__.split(".")[0] in ("aiohttp", "requests") for c in type(exc).__mro__):
+        return f"network error: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _missing_package(exc: ImportError) -> str:
+    """The missing package, and the URL on the command line that needs it when there is one."""
+    import sys
+
+    import fsspec
+
+    from curation.core import fsio
+
+    for arg in sys.argv[1:]:
+        proto = arg.split("://", 1)[0] if "://" in arg else None
+        if not proto:
+            continue
+        try:
+            fsspec.get_filesystem_class(proto)
+        except ImportError as err:
+            pkg = fsio.FS_PACKAGES.get(proto, f"the fsspec filesystem for {proto}://")
+            return f"{arg!r} needs {pkg}, which is not installed: pip install {pkg} ({err})"
+        except ValueError:
+            continue
+    return f"a package is missing: {exc}"
+
+
 class _Group(click.Group):
-    """Turns user-facing errors (bad spec, metadata, inputs, resume conflicts) into one clear line."""
+    """Turns user-facing errors into one clear `Error:` line: bad spec, metadata, inputs, resume
+    conflicts, storage errors (no space, permissions, unreachable URL, missing fsspec package)
+    and such errors raised inside Ray tasks. Bugs keep their traceback; `CURATION_DEBUG=1`
+    shows the traceback of every error."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from curation.config.job import JobSpecError
-        from curation.core.metadata import MetadataError
-        from curation.io.parts import ResumeError
-
         try:
             return super().invoke(ctx)
-        except (JobSpecError, MetadataError, ResumeError, FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("CURATION_DEBUG", "") not in ("", "0"):
+                raise
+            msg = _user_message(exc)
+            if msg is None:
+                raise
+            raise click.ClickException(msg.strip() or repr(exc)) from exc
 
 
 @click.group(
@@ -76,7 +180,7 @@ def main() -> None:
 @click.argument("out_dir")
 @click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--pairs-per-shard", type=click.IntRange(min=0), default=10000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
 @click.option(
     "--malformed-rate",
     type=click.FloatRange(0, 1),
@@ -193,6 +297,7 @@ def synth(
     show_default=True,
     help="Cut texts longer than this (after normalization); the cut is counted.",
 )
+@NO_GLOB
 @ADDRESS
 @NUM_CPUS
 @OVERWRITE
@@ -201,6 +306,7 @@ def ingest(
     inputs: tuple[str, ...],
     out_dir: str,
     max_text_chars: int,
+    no_glob: bool,
     address: str | None,
     num_cpus: int | None,
     overwrite: bool,
@@ -208,8 +314,9 @@ def ingest(
 ) -> None:
     """Extract (image URL, alt-text) pairs from WAT, Parquet or JSONL shards.
 
-    INPUTS are files, globs, brace patterns or folders on any fsspec URL. Writes one
-    part-<shard>.parquet per input, manifest.json and quarantine.jsonl.
+    INPUTS are files, globs, brace patterns or folders on any fsspec URL (--no-glob: literal
+    paths, for names with [ ] { } in them). Writes one part-<shard>.parquet per input,
+    manifest.json and quarantine.jsonl.
 
     \b
     Example:
@@ -220,7 +327,7 @@ def ingest(
 
     _ray(address, num_cpus)
     summary = ingest_command(
-        list(inputs),
+        _literal(inputs, no_glob),
         out_dir,
         max_text_chars=max_text_chars,
         overwrite=overwrite,
@@ -395,7 +502,7 @@ def count(
     default=None,
     help="Derive t from the share of matches in tail entries (MetaCLIP 2 p_to_t).",
 )
-@click.option("--seed", type=int, required=True)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True)
 @click.option("-o", "--out", "out_dir", required=True)
 @ADDRESS
 @NUM_CPUS
@@ -624,6 +731,7 @@ _FILTER_OPTIONS = {
     "used lid.176.bin).",
 )
 @click.option("-o", "--out", "out_dir", required=True)
+@NO_GLOB
 @ADDRESS
 @NUM_CPUS
 @OVERWRITE
@@ -632,6 +740,7 @@ def filter_cmd(
     pool: tuple[str, ...],
     baseline: str,
     out_dir: str,
+    no_glob: bool,
     address: str | None,
     num_cpus: int | None,
     overwrite: bool,
@@ -644,7 +753,7 @@ def filter_cmd(
     Writes the kept rows as part-<shard>.parquet, DataComp's uid file uids.npy (sorted u8,u8,
     for its resharder; only when every kept uid is 32 hex digits, else manifest.json says why)
     and manifest.json with rows read / kept / dropped by reason. Options that the baseline does
-    not take are refused.
+    not take are refused. POOL is files, globs or folders (--no-glob: literal paths).
 
     \b
     Example:
@@ -672,7 +781,7 @@ def filter_cmd(
     _ray(address, num_cpus)
     s = run_filter(
         filt,
-        list(pool),
+        _literal(pool, no_glob),
         out_dir,
         params={"baseline": baseline, **params},
         overwrite=overwrite,
@@ -770,7 +879,14 @@ def convert_assets(in_path: str, out_path: str, dtype: str | None, key: str | No
     default=None,
     help="Parquet image tables: the image-bytes column (default: jpg, png, webp, image, ...).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds random weights.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**64 - 1),
+    default=0,
+    show_default=True,
+    help="Seeds random weights.",
+)
+@NO_GLOB
 @ADDRESS
 @NUM_CPUS
 @OVERWRITE
@@ -791,6 +907,7 @@ def score(
     max_shard_bytes: int,
     image_column: str | None,
     seed: int,
+    no_glob: bool,
     address: str | None,
     num_cpus: int | None,
     overwrite: bool,
@@ -800,7 +917,8 @@ def score(
 
     Writes part-<shard>.parquet with uid, clip_score (float32) and image/text embeddings
     (fixed-size lists of float16), quarantine.jsonl and manifest.json. One scorer actor per GPU;
-    CPU actors when there is none. Resumable.
+    CPU actors when there is none. Resumable. SHARDS are files, globs or folders (.tar,
+    .tar.gz, .tgz, .parquet; --no-glob: literal paths).
 
     \b
     Example:
@@ -823,7 +941,7 @@ def score(
     limits = ImageLimits(max_pixels=max_pixels, max_shard_bytes=max_shard_bytes)
     _ray(address, num_cpus)
     s = score_shards(
-        list(shards),
+        _literal(shards, no_glob),
         out_dir,
         scorer,
         limits=limits,

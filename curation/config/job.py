@@ -35,6 +35,14 @@ A pool job needs `filters`, `balance` or both; `balance.when` is required when i
 Step parameters are those of `curation.config.filters.STEP_PARAMS` (the CLI's `curation filter`
 options with `_` for `-`); a step may set `name` (default: its baseline; names must differ).
 Relative local paths are taken relative to the current directory.
+
+Limits, so a hostile or mistyped spec fails at once instead of exhausting the driver: a spec
+file is at most `MAX_SPEC_BYTES` (1 MiB); YAML aliases (`*name`, and so `<<: *name` merges) are
+refused, since a few hundred bytes of nested aliases expand to gigabytes and a spec has nothing
+worth sharing (anchors alone are harmless and allowed); seeds are in [0, 2**64); `input.synth`
+has at most `MAX_SHARDS` (1,000,000) shards of at most `MAX_PAIRS_PER_SHARD` (10,000,000) pairs;
+`ingest.max_text_chars` is at most `MAX_TEXT_CHARS` (10,000,000); `balance.t` is a finite number
+in (0, `MAX_T`] (1e15).
 """
 
 from __future__ import annotations
@@ -62,6 +70,15 @@ TOP_KEYS = {
     "filters",
 }
 COMBINE = ("and", "or")
+#: Largest job spec file read, in bytes.
+MAX_SPEC_BYTES = 1 << 20
+#: Seeds are unsigned 64-bit integers: [0, MAX_SEED].
+MAX_SEED = 2**64 - 1
+MAX_SHARDS = 1_000_000
+MAX_PAIRS_PER_SHARD = 10_000_000
+MAX_TEXT_CHARS = 10_000_000
+#: Largest balance.t: above any entry count a pool can have (balancing is then a no-op).
+MAX_T = 1e15
 BALANCE_WHEN = ("before", "after")
 
 
@@ -136,9 +153,24 @@ def _section(spec: dict, key: str, allowed: set[str], where: str) -> dict:
     return sec
 
 
-def _int(v: Any, key: str, where: str, minimum: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise JobSpecError(f"{where}: '{key}' must be an integer >= {minimum}, got {v!r}")
+def _show(v: Any) -> str:
+    """`repr(v)`, but a huge integer by its digit count (its repr may be thousands of digits)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**30:
+        return (
+            f"an integer of {len(str(abs(v)))} digits ({'-' if v < 0 else ''}{str(abs(v))[:6]}...)"
+        )
+    return repr(v)[:200]
+
+
+def _int(v: Any, key: str, where: str, minimum: int = 0, maximum: int | None = None) -> int:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int)
+        or v < minimum
+        or (maximum is not None and v > maximum)
+    ):
+        want = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum:,}]"
+        raise JobSpecError(f"{where}: '{key}' must be an integer {want}, got {_show(v)}")
     return v
 
 
@@ -156,7 +188,7 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
             raise JobSpecError(f"{where}: missing required key '{key}'")
     if not isinstance(spec["name"], str) or not spec["name"].strip():
         raise JobSpecError(f"{where}: 'name' must be a non-empty string, got {spec['name']!r}")
-    seed = _int(spec.get("seed", 0), "seed", where)
+    seed = _int(spec.get("seed", 0), "seed", where, 0, MAX_SEED)
     inp = _section(spec, "input", {"paths", "synth", "pool"}, where)
     paths = inp.get("paths") or []
     if isinstance(paths, str):
@@ -172,12 +204,18 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
             inp, "synth", {"shards", "pairs_per_shard", "seed", "malformed_rate"}, f"{where}: input"
         )
         rate = s.get("malformed_rate", 0.0)
-        if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise JobSpecError(f"{where}: input.synth.malformed_rate must be in [0, 1]")
         synth = SynthInput(
-            shards=_int(s.get("shards"), "input.synth.shards", where, 1),
-            pairs_per_shard=_int(s.get("pairs_per_shard"), "input.synth.pairs_per_shard", where, 1),
-            seed=_int(s.get("seed", seed), "input.synth.seed", where),
+            shards=_int(s.get("shards"), "input.synth.shards", where, 1, MAX_SHARDS),
+            pairs_per_shard=_int(
+                s.get("pairs_per_shard"),
+                "input.synth.pairs_per_shard",
+                where,
+                1,
+                MAX_PAIRS_PER_SHARD,
+            ),
+            seed=_int(s.get("seed", seed), "input.synth.seed", where, 0, MAX_SEED),
             malformed_rate=float(rate),
         )
     if sum(map(bool, (paths, synth, pool))) != 1:
@@ -217,10 +255,18 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         if (t is None) == (p is None):
             raise JobSpecError(f"{where}: 'balance' needs exactly one of 't' or 'tail_proportion'")
         if t is not None and (
-            isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+            isinstance(t, bool)
+            or not isinstance(t, (int, float))
+            or not 0 < t <= MAX_T  # before isfinite: a huge int does not convert to float
+            or not math.isfinite(t)
         ):
-            raise JobSpecError(f"{where}: balance.t must be a number > 0, got {t!r}")
-        if p is not None and (not isinstance(p, (int, float)) or not 0 < p <= 1):
+            raise JobSpecError(
+                f"{where}: balance.t must be a finite number in (0, {MAX_T:g}] (the per-entry "
+                f"cap, e.g. 20000), got {_show(t)}"
+            )
+        if p is not None and (
+            isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1
+        ):
             raise JobSpecError(f"{where}: balance.tail_proportion must be in (0, 1], got {p!r}")
         when = bal.get("when")
         if filters is None and when is not None:
@@ -237,7 +283,9 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         output=spec.get("output"),
         paths=[str(x) for x in paths],
         synth=synth,
-        max_text_chars=_int(ingest.get("max_text_chars", 1000), "ingest.max_text_chars", where, 1),
+        max_text_chars=_int(
+            ingest.get("max_text_chars", 1000), "ingest.max_text_chars", where, 1, MAX_TEXT_CHARS
+        ),
         engine=engine,
         script_aware=bool(match.get("script_aware", False)),
         t=float(t) if t is not None else None,
@@ -291,16 +339,44 @@ def _filters(spec: dict, where: str) -> FilterSpec:
     return FilterSpec(combine=combine, steps=out)
 
 
+class _AliasError(yaml.YAMLError):
+    def __init__(self, line: int) -> None:
+        super().__init__(f"alias at line {line}")
+        self.line = line
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses aliases while composing, before any object is built."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasError(self.peek_event().start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
 def load_job(path: str) -> JobSpec:
-    """Load and validate a YAML job spec file."""
+    """Load and validate a YAML job spec file (at most `MAX_SPEC_BYTES`, no YAML aliases)."""
     from fsspec.core import url_to_fs
 
     fs, p = url_to_fs(path)
     if not fs.exists(p):
         raise JobSpecError(f"job spec {path!r} does not exist")
     with fs.open(p, "rb") as f:
-        try:
-            spec = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise JobSpecError(f"{path}: not valid YAML ({exc})") from exc
+        data = f.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise JobSpecError(
+            f"{path}: a job spec is at most {MAX_SPEC_BYTES:,} bytes; this one is larger "
+            "(list many inputs with a glob or a folder instead)"
+        )
+    try:
+        spec = yaml.load(data, Loader=_SpecLoader)  # a SafeLoader subclass
+    except _AliasError as exc:
+        raise JobSpecError(
+            f"{path}: line {exc.line}: YAML aliases (*name) are not allowed in job specs; "
+            "write the value out"
+        ) from None
+    except RecursionError:
+        raise JobSpecError(f"{path}: not valid YAML (nested too deeply)") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an int of > 4300 digits
+        raise JobSpecError(f"{path}: not valid YAML ({exc})") from exc
     return parse_job(spec, where=path)

@@ -15,6 +15,7 @@ from typing import Any
 
 from curation.core import fsio
 from curation.core.fingerprint import versions
+from curation.core.redact import redact
 
 QUARANTINE_DETAIL_CHARS = 300
 
@@ -22,7 +23,10 @@ QUARANTINE_DETAIL_CHARS = 300
 def quarantine_record(
     stage: str, shard: str, input_url: str, reason: str, detail: str = "", **extra: Any
 ) -> dict[str, Any]:
-    """One quarantine entry: the stage, the shard's name and URL, the reason and a detail."""
+    """One quarantine entry: the stage, the shard's name and URL, the reason and a detail.
+
+    URLs in it (the input, one quoted in the detail) have their secrets redacted.
+    """
     entry = {
         "stage": stage,
         "shard": shard,
@@ -31,7 +35,7 @@ def quarantine_record(
         "detail": str(detail)[:QUARANTINE_DETAIL_CHARS],
     }
     entry.update(extra)
-    return entry
+    return redact(entry)
 
 
 def summarize(stage: str, markers: dict[str, dict]) -> dict[str, Any]:
@@ -72,13 +76,16 @@ def write_quarantine(out: str, stage_markers: list[dict[str, dict]]) -> int:
             for q in m.get("quarantine", []):
                 lines.append(json.dumps(q, sort_keys=True, ensure_ascii=False))
     fsio.atomic_write_bytes(
-        fsio.join(out, "quarantine.jsonl"), ("\n".join(lines) + ("\n" if lines else "")).encode()
+        fsio.join(out, "quarantine.jsonl"),
+        # a lone surrogate (from a "\\ud800" escape in the input) becomes that JSON escape again
+        ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8", "backslashreplace"),
     )
     return len(lines)
 
 
 def write_stage_manifest(out_dir: str, stage: str, summary: dict[str, Any], **extra: Any) -> None:
-    """A standalone command's manifest: versions, the stage's reconciled counts, parameters."""
+    """A standalone command's manifest: versions, the stage's reconciled counts, parameters
+    (URLs with their secrets redacted)."""
     body = {"stage": stage, "versions": versions(), "summary": public(summary)}
     body.update(extra)
-    fsio.atomic_write_json(fsio.join(out_dir, "manifest.json"), body)
+    fsio.atomic_write_json(fsio.join(out_dir, "manifest.json"), redact(body))

@@ -16,6 +16,7 @@ from typing import Any
 
 from curation import __version__
 from curation.core import fsio
+from curation.core.redact import redact_url
 
 #: fs.info keys derived from an object's content (S3 ETag, GCS md5Hash / crc32c), preferred.
 _CONTENT_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "ContentMD5")
@@ -93,8 +94,11 @@ def asset_digest(url: str) -> str | None:
 
 
 def assets_fingerprint(urls: Sequence[str]) -> list[list[Any]]:
-    """[url, content sha256] of each asset (the job gives their paths; contents decide)."""
-    return [[u, asset_digest(u)] for u in urls]
+    """[url, content sha256] of each asset (the job gives their paths; contents decide).
+
+    The url is recorded with its secrets redacted (`core.redact.redact_url`).
+    """
+    return [[redact_url(u), asset_digest(u)] for u in urls]
 
 
 def relative_to(url: str, root: str | None) -> str:
@@ -107,8 +111,12 @@ def relative_to(url: str, root: str | None) -> str:
 
 
 def inputs_fingerprint(urls: Sequence[str], root: str | None = None) -> list[list[Any]]:
-    """[url (run-relative when inside `root`), identity] of each input shard."""
-    return [[relative_to(u, root), file_identity(u)] for u in urls]
+    """[url (run-relative when inside `root`, secrets redacted), identity] of each input shard.
+
+    A signed URL's rotating token is redacted, so a new signature of the same object keeps the
+    fingerprint; the identity (size, content tag) still tells a changed object.
+    """
+    return [[redact_url(relative_to(u, root)), file_identity(u)] for u in urls]
 
 
 def content_inputs(inputs: list[dict]) -> list[list]:

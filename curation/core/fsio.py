@@ -7,6 +7,7 @@ path is visible to other nodes.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -19,11 +20,51 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile
 
+#: Characters that `expand_inputs` reads as brace / glob syntax, and `\` that escapes them.
+_SPECIAL = "[]{}*?,\\"
+_ESCAPED = re.compile(r"\\([\[\]{}*?,\\])")
+
+
+def escape_glob(path: str) -> str:
+    """`path` with its brace and glob characters backslash-escaped, so that `expand_inputs`
+    reads it as the literal name (`a[1].tar` → `a\\[1\\].tar`)."""
+    return re.sub(r"([\[\]{}*?,\\])", r"\\\1", path)
+
+
+def _unescape(pattern: str) -> str:
+    return _ESCAPED.sub(r"\1", pattern)
+
+
+def _unescaped(pattern: str, chars: str) -> bool:
+    """True when one of `chars` occurs in `pattern` without a backslash before it."""
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "\\" and i + 1 < len(pattern) and pattern[i + 1] in _SPECIAL:
+            i += 2
+            continue
+        if pattern[i] in chars:
+            return True
+        i += 1
+    return False
+
+
+def _glob_pattern(pattern: str) -> str:
+    """An fsspec glob with each escaped character turned into a one-character class."""
+    return _ESCAPED.sub(lambda m: m[1] if m[1] in "{},\\" else f"[{m[1]}]", pattern)
+
 
 def _outer_group(pattern: str) -> tuple[int, int, list[str]] | None:
-    """First outermost balanced `{...}` group: (start, end, its comma-separated parts)."""
+    """First outermost balanced `{...}` group: (start, end, its comma-separated parts).
+
+    A backslash-escaped `\\{`, `\\}` or `\\,` is a plain character, never group syntax.
+    """
     depth, start, parts, last = 0, -1, [], 0
-    for i, ch in enumerate(pattern):
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern) and pattern[i + 1] in _SPECIAL:
+            i += 2
+            continue
         if ch == "{":
             if depth == 0:
                 start, parts, last = i, [], i + 1
@@ -37,11 +78,16 @@ def _outer_group(pattern: str) -> tuple[int, int, list[str]] | None:
         elif ch == "," and depth == 1:
             parts.append(pattern[last:i])
             last = i + 1
+        i += 1
     return None
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces like bash: `a{1..3}`, `{00..02}`, `a{x,y}`, nested groups."""
+    """Expand shell-style braces like bash: `a{1..3}`, `{00..02}`, `a{x,y}`, nested groups.
+
+    Backslash-escaped characters (`\\{`, `\\}`, `\\,`, `\\[`, ...) are kept as they are (still
+    escaped) for `expand_inputs` to read literally.
+    """
     group = _outer_group(pattern)
     if group is None:
         return [pattern]
@@ -74,8 +120,90 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+class InputError(OSError):
+    """An input that cannot be listed or opened (unreachable URL, looping symlink, missing
+    filesystem package); the message names the input and what to do."""
+
+
+#: fsspec protocol -> the pip package that provides it (named when it is not installed).
+FS_PACKAGES = {
+    "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+    "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp", "hf": "huggingface_hub",
+}  # fmt: skip
+#: Top-level modules whose exceptions are network / storage-service failures.
+_NETWORK_MODULES = ("aiohttp", "requests", "urllib3", "botocore", "google", "azure")
+
+
+def _input_fs(pattern: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`url_to_fs(pattern)`, with a missing filesystem package named as what to install."""
+    try:
+        return url_to_fs(pattern)
+    except ImportError as exc:
+        proto = pattern.split("://", 1)[0] if "://" in pattern else "file"
+        pkg = FS_PACKAGES.get(proto)
+        what = f"pip install {pkg}" if pkg else f"install the fsspec filesystem for {proto}://"
+        raise ImportError(f"input {pattern!r}: {exc}; {what}") from exc
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError):
+        return False
+    if isinstance(exc, OSError):
+        return True
+    return any(c.__module__.split(".")[0] in _NETWORK_MODULES for c in type(exc).__mro__)
+
+
+def _check_links(fs: fsspec.AbstractFileSystem, paths: list[str], pattern: str) -> None:
+    """Refuse local symbolic links that loop (`a -> a`) with their name, before any work."""
+    if not isinstance(fs, LocalFileSystem):
+        return
+    for p in paths:
+        if os.path.islink(p):
+            try:
+                os.stat(p)
+            except FileNotFoundError:
+                continue  # dangling: read (and quarantined) as a missing file
+            except OSError as exc:
+                raise InputError(
+                    f"input {pattern!r}: {p!r} is a symbolic link that cannot be followed "
+                    f"({exc.strerror}); remove it or name the files to read"
+                ) from exc
+
+
+def _expand_one(pattern: str, suffixes: tuple[str, ...] | None, allow_missing: bool) -> list[str]:
+    """The files one brace-expanded pattern names (see `expand_inputs`)."""
+    fs, path = _input_fs(pattern)
+    literal = _unescape(path)
+    try:
+        if _unescaped(path, "*?["):
+            matches = sorted(fs.glob(_glob_pattern(path)))
+        elif fs.isdir(literal):
+            matches = sorted(
+                p for p in fs.find(literal) if suffixes is None or p.endswith(suffixes)
+            )
+        elif fs.exists(literal) or (allow_missing and not _looks_like_dir(pattern)):
+            matches = [literal]
+        else:
+            raise FileNotFoundError(f"input {_unescape(pattern)!r} does not exist")
+        _check_links(fs, matches, pattern)
+    except (FileNotFoundError, InputError):
+        raise
+    except Exception as exc:
+        if not _is_storage_error(exc):
+            raise
+        err = InputError(f"cannot list input {_unescape(pattern)!r}: {type(exc).__name__}: {exc}")
+        err.errno = getattr(exc, "errno", None)
+        raise err from exc
+    if not matches:
+        raise FileNotFoundError(f"input {_unescape(pattern)!r} matched no files")
+    return [full_url(fs, p) for p in matches]
+
+
 def expand_inputs(
-    inputs: Iterable[str], suffixes: tuple[str, ...] | None = None, allow_missing: bool = False
+    inputs: Iterable[str],
+    suffixes: tuple[str, ...] | None = None,
+    allow_missing: bool = False,
+    literal: bool = False,
 ) -> list[str]:
     """Expand files, globs, brace patterns and directories into a sorted, de-duplicated list.
 
@@ -83,27 +211,36 @@ def expand_inputs(
     matches nothing is an error naming the pattern, so a typo never silently reads zero shards.
     With `allow_missing`, a literal file path that does not exist is kept (the reader then
     quarantines it as a missing file and the run goes on).
+
+    Names with brace or glob characters: a path that exists as written is taken as it is;
+    otherwise escape them with a backslash (`'a\\[1\\].tar'`, `'\\{x\\}.jsonl'`), or pass
+    `literal=True` (the CLI's `--no-glob`) to expand nothing at all. Unreachable URLs,
+    symbolic links that loop and missing filesystem packages raise `InputError` /
+    `ImportError` naming the input.
     """
     found: list[str] = []
-    for raw in inputs:
-        for pattern in expand_braces(str(raw)):
-            fs, path = url_to_fs(pattern)
-            if any(ch in path for ch in "*?["):
-                matches = sorted(fs.glob(path))
-            elif fs.isdir(path):
-                matches = sorted(
-                    p for p in fs.find(path) if suffixes is None or p.endswith(suffixes)
-                )
-            elif fs.exists(path) or (allow_missing and not _looks_like_dir(pattern)):
-                matches = [path]
-            else:
-                raise FileNotFoundError(f"input {pattern!r} does not exist")
-            if not matches:
-                raise FileNotFoundError(f"input {pattern!r} matched no files")
-            found.extend(full_url(fs, p) for p in matches)
+    for raw in map(str, inputs):
+        if literal:
+            patterns = [escape_glob(raw)]
+        elif "\\" not in raw and _unescaped(raw, "*?[{") and _literal_exists(raw):
+            patterns = [escape_glob(raw)]  # e.g. `a[1].tar` as already expanded once
+        else:
+            patterns = expand_braces(raw)
+        for pattern in patterns:
+            found.extend(_expand_one(pattern, suffixes, allow_missing))
     seen: set[str] = set()
     unique = [p for p in found if not (p in seen or seen.add(p))]
     return sorted(unique)
+
+
+def _literal_exists(raw: str) -> bool:
+    fs, path = _input_fs(raw)
+    try:
+        return bool(fs.exists(path))
+    except Exception as exc:
+        if _is_storage_error(exc):
+            return False  # reported with the input's name when it is listed
+        raise
 
 
 def _looks_like_dir(pattern: str) -> bool:
@@ -128,9 +265,58 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+#: The mark of this package's temporary files: `<name>.tmp-curation-<pid>-<8 hex>`.
+TMP_MARK = ".tmp-curation-"
+_OWN_TMP = re.compile(r"^(?P<base>.+)\.tmp-curation-\d+-[0-9a-f]{8}$")
+_LEGACY_TMP = re.compile(r"^(?P<base>.+)\.tmp-\d+-[0-9a-f]{8}$")
+
+
 def _tmp_path(path: str) -> str:
-    """A unique temporary sibling of `path` (stale ones are found by the `.tmp-` in the name)."""
-    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """A unique temporary sibling of `path`: `<path>.tmp-curation-<pid>-<8 hex>`.
+
+    The name is specific enough (`is_own_temp`) that cleaning stale temporaries never touches
+    a user's `notes.tmp-1` in the same folder.
+    """
+    return f"{path}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def own_temp_base(name: str, legacy_bases: tuple[str, ...] = ()) -> str | None:
+    """The final name a temporary file of this package stands for, else None.
+
+    `name` is a file name (no folder). Temporaries of older versions (`<name>.tmp-<pid>-<8
+    hex>`) count only when their final name matches one of the `fnmatch` patterns
+    `legacy_bases` (names this package writes in that folder).
+    """
+    m = _OWN_TMP.match(name)
+    if m:
+        return m["base"]
+    m = _LEGACY_TMP.match(name)
+    if m and any(fnmatch.fnmatchcase(m["base"], pat) for pat in legacy_bases):
+        return m["base"]
+    return None
+
+
+def is_own_temp(name: str) -> bool:
+    """True when the file name `name` is one of this package's temporary files."""
+    return own_temp_base(name) is not None
+
+
+def url_key(url: str) -> tuple[str, str]:
+    """(protocol, absolute path) of `url`, to tell whether two URLs name the same place.
+
+    Local paths are made absolute with symbolic links resolved; trailing slashes are dropped.
+    """
+    fs, path = url_to_fs(url)
+    proto = _protocol(fs)
+    if isinstance(fs, LocalFileSystem):
+        proto, path = "file", os.path.realpath(path)
+    return proto, "/" + path.strip("/") if path.strip("/") else "/"
+
+
+def is_within(url: str, folder: str) -> bool:
+    """True when `url` is `folder` or inside it (same filesystem, normalized paths)."""
+    (pa_, a), (pb, b) = url_key(url), url_key(folder)
+    return pa_ == pb and (a == b or a.startswith(b.rstrip("/") + "/"))
 
 
 def _discard(f: Any) -> None:
@@ -149,7 +335,7 @@ def _discard(f: Any) -> None:
 def atomic_open(url: str) -> Iterator[BinaryIO]:
     """Open `url` for binary writing so that readers see the whole file or nothing.
 
-    - Local files: write a temporary sibling (`<path>.tmp-<pid>-<rand>`), rename it into place
+    - Local files: write a temporary sibling (`<path>.tmp-curation-<pid>-<rand>`), rename it into place
       when the block ends (removed if it raises).
     - Object stores whose files are `fsspec.spec.AbstractBufferedFile` (s3fs, gcsfs, adlfs, ...):
       write under the final name. The upload (a PUT, or a multipart upload's completion) is only
@@ -235,7 +421,7 @@ def atomic_write_parquet(url: str, table: Any, **kwargs: Any) -> None:
 def shard_name(url: str) -> str:
     """Stable shard name from an input URL: the file name without compression/format suffixes."""
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    suffixes = (".gz", ".zst", ".warc", ".wat", ".parquet", ".jsonl", ".json", ".tar")
+    suffixes = (".gz", ".tgz", ".zst", ".warc", ".wat", ".parquet", ".jsonl", ".json", ".tar")
     stripped = True
     while stripped:
         stripped = False

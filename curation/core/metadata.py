@@ -15,6 +15,7 @@ import atexit
 import hashlib
 import json
 import os
+import unicodedata
 from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import resources
@@ -47,11 +48,14 @@ class Metadata:
 
 
 def entries_checksum(entries: tuple[str, ...] | list[str]) -> str:
-    """sha256 over the entries in order (each UTF-8, NUL-terminated): independent of file format."""
+    """sha256 over the entries in order, each as its UTF-8 length (8 bytes, little-endian) and
+    its UTF-8 bytes: independent of file format, and no two entry lists share an encoding (an
+    entry may contain any character, NUL too)."""
     h = hashlib.sha256()
     for e in entries:
-        h.update(e.encode("utf-8"))
-        h.update(b"\0")
+        b = e.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
     return "sha256:" + h.hexdigest()
 
 
@@ -70,9 +74,18 @@ def _detect_format(path: str, data: bytes) -> str:
     return "txt"
 
 
-def validate_entries(entries: list[str], source: str, line_base: int = 1) -> None:
-    """Empty and duplicate entries are errors that name the offending line (1-based)."""
+def validate_entries(
+    entries: list[str], source: str, line_base: int = 1, *, strict: bool = True
+) -> None:
+    """Empty and duplicate entries are errors that name the offending line (1-based).
+
+    With `strict` (the default) so are entries with leading or trailing whitespace and
+    Unicode twins (two entries equal after NFC normalization, e.g. a precomposed "é" and "e" +
+    combining accent): such an entry can never match, or matches what its twin matches, and
+    splits the twin's counts. `strict=False` accepts them (exact duplicates stay errors).
+    """
     first_seen: dict[str, int] = {}
+    nfc_seen: dict[str, int] = {}
     for i, e in enumerate(entries):
         line = i + line_base
         if not isinstance(e, str):
@@ -85,6 +98,21 @@ def validate_entries(entries: list[str], source: str, line_base: int = 1) -> Non
                 f"{source}: entry {line} {e!r} duplicates entry {prev}; remove one of them"
             )
         first_seen[e] = line
+        if not strict:
+            continue
+        if e != e.strip():
+            raise MetadataError(
+                f"{source}: entry {line} {e!r} has leading or trailing whitespace; strip it "
+                "(or load with strict=False)"
+            )
+        nfc = e if e.isascii() else unicodedata.normalize("NFC", e)
+        prev = nfc_seen.get(nfc)
+        if prev is not None:
+            raise MetadataError(
+                f"{source}: entry {line} {e!r} equals entry {prev} after Unicode NFC "
+                "normalization; keep one of them (or load with strict=False)"
+            )
+        nfc_seen[nfc] = line
 
 
 def bundled_metadata() -> dict[str, str]:
@@ -117,12 +145,14 @@ def resolve_metadata(path: str) -> str:
     return str(_as_file_stack.enter_context(resources.as_file(ref)))  # a zipped install
 
 
-def load_metadata(path: str, fmt: str | None = None) -> Metadata:
+def load_metadata(path: str, fmt: str | None = None, *, strict: bool = True) -> Metadata:
     """Load metadata from a MetaCLIP-style JSON list, a text file (one entry per line) or Parquet.
 
     `path` is a path, an fsspec URL or a bundled name such as `bundled:metadata_en` (see
     `resolve_metadata`). MetaCLIP's own `metadata.json` loads unchanged. Raises `MetadataError`
-    for empty or duplicate entries, naming the line, and `FileNotFoundError` for a missing file.
+    for empty or duplicate entries and, with `strict`, for entries with surrounding whitespace or
+    NFC twins (see `validate_entries`), naming the line, and `FileNotFoundError` for a missing
+    file.
     The checksum depends only on the entries, never on where they were read from.
     """
     url = resolve_metadata(path)
@@ -139,6 +169,10 @@ def load_metadata(path: str, fmt: str | None = None) -> Metadata:
             obj = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MetadataError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise MetadataError(
+                f"{path}: JSON nested too deeply; metadata is a flat JSON list of strings"
+            ) from None
         if not isinstance(obj, list):
             raise MetadataError(
                 f"{path}: expected a JSON list of strings, got {type(obj).__name__}"
@@ -168,7 +202,7 @@ def load_metadata(path: str, fmt: str | None = None) -> Metadata:
             first = pc.index(pc.is_null(col), True).as_py()
             raise MetadataError(f"{path}: entry {first + 1} is null; remove it")
         entries = col.to_pylist()
-    validate_entries(entries, path)
+    validate_entries(entries, path, strict=strict)
     tup = tuple(entries)
     return Metadata(entries=tup, checksum=entries_checksum(tup), source=path)
 

@@ -51,6 +51,30 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, **kwargs)
 
 
+#: fsspec protocols whose files live in one process's memory: a Ray worker's writes there are
+#: lost to the driver and to every other worker.
+PROCESS_LOCAL_PROTOCOLS = frozenset({"memory"})
+
+
+def check_output_location(url: str) -> None:
+    """Refuse an output URL whose filesystem is not shared between processes (`memory://`).
+
+    Parts are written by Ray workers, which are always processes of their own: on a
+    process-local filesystem the run would finish and keep nothing.
+    """
+    from fsspec.core import url_to_fs
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs, _ = url_to_fs(url)
+    protos = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if isinstance(fs, MemoryFileSystem) or protos & PROCESS_LOCAL_PROTOCOLS:
+        raise ValueError(
+            f"output {url}: {type(fs).__name__} keeps files in one process's memory, and "
+            "parts are written by Ray worker processes, so nothing would be kept; write to a "
+            "local folder (one machine) or an object store (s3://, gs://)"
+        )
+
+
 def cluster_resources() -> dict[str, float]:
     """The Ray cluster's total resources (CPU, GPU, ...)."""
     import ray

@@ -75,9 +75,11 @@ from curation.core.accounting import summarize, write_stage_manifest
 from curation.core.arrow import string_buffers
 from curation.core.fingerprint import inputs_fingerprint
 from curation.core.stage import Shard
-from curation.executor.runner import run_tasks
+from curation.executor.runner import check_output_location, run_tasks
 from curation.io.parts import (
+    check_output_not_in_inputs,
     done_markers,
+    leased,
     parts_of,
     prepare_stage_dir,
     shard_names,
@@ -624,7 +626,7 @@ def fetch(
     # inputs are checked (and duplicates found) before anything is written
     staging = _plan_inputs(parts, staged_dir, options.samples_per_shard)
     planned, input_counts = staging.planned, staging.counts
-    prepare_stage_dir(out, fp, overwrite)
+    prepare_stage_dir(out, fp, overwrite, owned=("*-[0-9]*.tar", "*-[0-9]*.parquet", WORK_DIR))
     finished_markers = done_markers(out)
     todo = {p.name for p in planned if p.name not in finished_markers}
     fs, i2d_path = url_to_fs(i2d_dir)
@@ -675,10 +677,13 @@ def fetch(
     return summary
 
 
+@leased("out")
 def fetch_command(
     curated: str | Sequence[str], out: str, options: FetchOptions, **kwargs: Any
 ) -> dict[str, Any]:
     """`curation images fetch`: `fetch`, then `OUT/manifest.json`."""
+    check_output_location(out)
+    check_output_not_in_inputs(out, [curated] if isinstance(curated, str) else curated)
     import importlib.metadata
 
     summary = fetch(curated, out, options, **kwargs)

@@ -27,9 +27,15 @@ from curation.core import fsio
 from curation.core.accounting import summarize, write_stage_manifest
 from curation.core.fingerprint import assets_fingerprint, inputs_fingerprint
 from curation.core.stage import Shard
-from curation.executor.runner import map_shards, run_stage
+from curation.executor.runner import check_output_location, map_shards, run_stage
 from curation.io import datacomp
-from curation.io.parts import part_url, read_part, shard_names
+from curation.io.parts import (
+    check_output_not_in_inputs,
+    leased,
+    part_url,
+    read_part,
+    shard_names,
+)
 from curation.stages.filters.apply import FilterStage
 from curation.stages.filters.base import Filter
 
@@ -124,6 +130,7 @@ def write_uid_file(out: str, stage_dir: str, shards: Sequence[Shard]) -> dict[st
     return {"uids": url, "uid_count": datacomp.save_uids(url, uids)}
 
 
+@leased("out")
 def run_filter(
     filt: Filter,
     inputs: Sequence[str],
@@ -139,6 +146,8 @@ def run_filter(
     reads. `params` are the job-spec parameters (`baseline` + the step's); the files they
     name go into the fingerprint by content.
     """
+    check_output_location(out)
+    check_output_not_in_inputs(out, inputs)
     urls = datacomp.list_shards(list(inputs))
     if not urls:
         raise FileNotFoundError(f"no .parquet shards in {list(inputs)}")

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from curation.executor.runner import check_output_location
 from curation.flows.metaclip import run_metaclip_job
 from curation.flows.pool import run_pool_job, run_summary
+from curation.io.parts import check_output_not_in_inputs, leased
 
 
+@leased("out")
 def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Run a whole job spec into `out`; returns the manifest (also written to OUT)."""
+    check_output_location(out)
+    # OUT's own layout (OUT/input/ synth shards, OUT/ingest parts) may be an input
+    check_output_not_in_inputs(out, list(spec.pool or spec.paths), inputs_inside_out=True)
     flow = run_pool_job if spec.pool else run_metaclip_job
     return flow(spec, out, overwrite=overwrite, progress=progress)
 

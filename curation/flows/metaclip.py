@@ -24,9 +24,18 @@ from curation.core.fingerprint import (
     versions,
 )
 from curation.core.metadata import load_metadata
+from curation.core.redact import redact
 from curation.core.stage import Shard
-from curation.executor.runner import run_stage, run_tasks, sum_over_shards
-from curation.io.parts import STAGE_FILE, parts_of, read_part, shard_names, write_marker
+from curation.executor.runner import check_output_location, run_stage, run_tasks, sum_over_shards
+from curation.io.parts import (
+    STAGE_FILE,
+    check_output_not_in_inputs,
+    leased,
+    parts_of,
+    read_part,
+    shard_names,
+    write_marker,
+)
 from curation.io.report import write_report
 from curation.stages.balance import Balancer, count_entries, entry_probabilities, p_to_t, t_to_p
 from curation.stages.ingest import INPUT_SUFFIXES, Ingestor, detect_format
@@ -304,7 +313,7 @@ def run_metaclip_job(
         "report": fsio.join(out, "report"),
         "quarantine": fsio.join(out, "quarantine.jsonl"),
     }
-    fsio.atomic_write_json(fsio.join(out, "manifest.json"), manifest)
+    fsio.atomic_write_json(fsio.join(out, "manifest.json"), redact(manifest))
     return manifest
 
 
@@ -360,8 +369,11 @@ def count_and_balance(
 
 
 # -- standalone commands: each writes its stage's manifest (and quarantine) ---------------------
+@leased("out")
 def ingest_command(inputs: Sequence[str], out: str, **kwargs: Any) -> dict:
     """`curation ingest`: the stage, then `OUT/quarantine.jsonl` and `OUT/manifest.json`."""
+    check_output_location(out)
+    check_output_not_in_inputs(out, inputs)
     summary = ingest(inputs, out, **kwargs)
     quarantined = write_quarantine(out, [summary.pop("_markers")])
     write_stage_manifest(out, "ingest", summary, quarantined=quarantined)
@@ -369,8 +381,11 @@ def ingest_command(inputs: Sequence[str], out: str, **kwargs: Any) -> dict:
     return summary
 
 
+@leased("out")
 def match_command(inp: str, metadata: str, out: str, **kwargs: Any) -> dict:
     """`curation match`: the stage, then `OUT/manifest.json`."""
+    check_output_location(out)
+    check_output_not_in_inputs(out, [inp])
     summary = match(inp, metadata, out, **kwargs)
     summary.pop("_markers")
     write_stage_manifest(
@@ -388,6 +403,7 @@ def count_command(matched: str, metadata: str | None, out_path: str) -> tuple[np
     return counts, len(entries)
 
 
+@leased("out")
 def balance_command(
     matched: str,
     counts_path: str,
@@ -399,6 +415,8 @@ def balance_command(
     **kwargs: Any,
 ) -> dict:
     """`curation balance`: resolve t from the counts file, run the stage, write the manifest."""
+    check_output_location(out)
+    check_output_not_in_inputs(out, [matched, counts_path])
     counts = read_counts(counts_path)
     t, p = resolve_t(counts, t, tail_proportion)
     summary = balance(matched, counts, out, t=t, seed=seed, **kwargs)

@@ -18,6 +18,7 @@ from curation.core.fingerprint import (
     versions,
 )
 from curation.core.metadata import load_metadata
+from curation.core.redact import redact
 from curation.core.stage import Shard
 from curation.flows.filter import (
     check_pool,
@@ -147,7 +148,7 @@ def run_pool_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool
             counts=fsio.join(out, "counts", "entry_counts.parquet"),
             report=fsio.join(out, "report"),
         )
-    fsio.atomic_write_json(fsio.join(out, "manifest.json"), manifest)
+    fsio.atomic_write_json(fsio.join(out, "manifest.json"), redact(manifest))
     return manifest
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,9 +30,15 @@ from curation.core import fsio
 from curation.core.accounting import summarize, write_quarantine, write_stage_manifest
 from curation.core.fingerprint import inputs_fingerprint
 from curation.core.stage import Resources, Shard
-from curation.executor.runner import cluster_resources, run_actor_stage
+from curation.executor.runner import check_output_location, cluster_resources, run_actor_stage
 from curation.io.images import ImageLimits, PixelTransform, check_image_shards, list_image_shards
-from curation.io.parts import finish_part, shard_names
+from curation.io.parts import (
+    check_output_not_in_inputs,
+    finish_part,
+    leased,
+    part_url,
+    shard_names,
+)
 from curation.stages.score import OUTPUT_COLUMNS, ScoreStage, assemble_shard, decode_chunks
 
 __all__ = ["OUTPUT_COLUMNS", "score_shards"]
@@ -49,6 +56,28 @@ def finish_shard(shard: Shard, stage_dir: str, results: list[dict[str, Any]]) ->
         parquet={"use_dictionary": list(OUTPUT_COLUMNS[:4])},
         quarantine=out.quarantine,
     )
+
+
+def duplicate_uids(parts: Sequence[str]) -> int:
+    """How many distinct uids occur in more than one of the Parquet files `parts`.
+
+    Reads only the `uid` columns, whole columns at a time. Rows are never dropped for it: the
+    count goes to the manifest so that a pool assembled from overlapping shards is noticed.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    per_part = []
+    for url in parts:
+        fs, path = fsio.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            uids = pq.read_table(f, columns=["uid"]).column("uid")
+        per_part.append(pc.unique(uids.drop_null()).cast(pa.large_binary()))
+    if len(per_part) < 2:
+        return 0
+    counts = pc.value_counts(pa.chunked_array(per_part, type=pa.large_binary()))
+    return int(pc.sum(pc.greater(counts.field("counts"), 1)).as_py() or 0)
 
 
 def _pool_shape(
@@ -91,6 +120,7 @@ def _pool_shape(
     return "cpu", n, {"num_cpus": per}, max(2, int(cpus - n * per))
 
 
+@leased("out")
 def score_shards(
     inputs: Sequence[str],
     out: str,
@@ -110,6 +140,8 @@ def score_shards(
     `scorer` is a `ClipScorer` (not yet set up); its device is chosen here from the cluster:
     one actor per GPU when there are GPUs (`device` auto or cuda), else CPU actors.
     """
+    check_output_location(out)
+    check_output_not_in_inputs(out, inputs)
 
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
@@ -149,6 +181,14 @@ def score_shards(
         progress=progress,
     )
     summary = summarize("score", markers)
+    n_dup = duplicate_uids([part_url(out, name) for name in sorted(markers)])
+    summary["duplicate_uids"] = n_dup
+    if n_dup:
+        warnings.warn(
+            f"score {out}: {n_dup:,} uid(s) occur in more than one shard's part (rows kept; "
+            "the input shards overlap or reuse keys)",
+            stacklevel=2,
+        )
     quarantined = write_quarantine(out, [markers])
     write_stage_manifest(
         out,

@@ -175,22 +175,30 @@ class _Chunker:
         return chunk
 
 
-def list_image_shards(inputs: Sequence[str]) -> list[str]:
-    """Tar shards and Parquet image tables among files / globs / folders, sorted.
+def list_image_shards(inputs: Sequence[str], literal: bool = False) -> list[str]:
+    """Tar shards (`.tar`, gzip'd `.tar.gz` / `.tgz`) and Parquet image tables among files /
+    globs / folders, sorted. `literal`: inputs are paths, no glob or brace expansion.
 
-    A `.parquet` with a `.tar` of the same name beside it is that tar's metadata, not an
+    A `.parquet` with a tar of the same name beside it is that tar's metadata, not an
     image table, and is left out.
     """
-    urls = fsio.expand_inputs(list(inputs), suffixes=(".tar", ".parquet"))
-    tars = {u[: -len(".tar")] for u in urls if u.endswith(".tar")}
+    urls = fsio.expand_inputs(list(inputs), suffixes=TAR_SUFFIXES + (".parquet",), literal=literal)
+    tars = {u[: -len(sfx)] for u in urls for sfx in TAR_SUFFIXES if u.endswith(sfx)}
     out = [
         u
         for u in urls
-        if u.endswith(".tar") or (u.endswith(".parquet") and u[: -len(".parquet")] not in tars)
+        if u.endswith(TAR_SUFFIXES)
+        or (u.endswith(".parquet") and u[: -len(".parquet")] not in tars)
     ]
     if not out:
-        raise FileNotFoundError(f"no .tar or .parquet image shards in {list(inputs)}")
+        raise FileNotFoundError(
+            f"no .tar, .tar.gz, .tgz or .parquet image shards in {list(inputs)}"
+        )
     return out
+
+
+#: Suffixes of webdataset tar shards (the reader detects gzip by its magic bytes).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def iter_image_shard(
@@ -216,11 +224,11 @@ def iter_image_shard(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     name = shard if shard is not None else fsio.shard_name(url)
-    if url.endswith(".tar"):
+    if url.endswith(TAR_SUFFIXES):  # gzip tars are detected by their magic bytes
         return _iter_tar(url, name, limits, chunk_rows)
     if url.endswith(".parquet"):
         return _iter_parquet(url, name, limits, image_column, chunk_rows)
-    raise ValueError(f"{url}: an image shard is a .tar (webdataset) or a .parquet image table")
+    raise ValueError(f"{url}: an image shard is a .tar / .tar.gz / .tgz (webdataset) or a .parquet image table")
 
 
 def read_image_shard(
@@ -379,9 +387,26 @@ def _sample_row(key: str, parts: dict[str, bytes], chunks: _Chunker) -> dict[str
             meta = json.loads(parts["json"].decode("utf-8"))
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
-        except (UnicodeDecodeError, ValueError) as exc:
-            chunks.drop(key, "bad_json", str(exc))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            chunks.drop(
+                key,
+                "bad_json",
+                "JSON nested too deeply" if isinstance(exc, RecursionError) else str(exc),
+            )
             return None
+        # a "\\ud800" escape decodes to a lone surrogate, which Arrow cannot hold
+        for field in ("uid", "url", "caption"):
+            value = meta.get(field)
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    chunks.drop(
+                        key,
+                        "bad_unicode",
+                        f"field {field!r} has a lone surrogate: {ascii(value[:80])}",
+                    )
+                    return None
     text = meta.get("caption")
     if "txt" in parts:
         try:

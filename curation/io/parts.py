@@ -10,23 +10,43 @@ reuse old parts unless told to overwrite.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import functools
 import hashlib
+import inspect
+import json
 import logging
-from collections.abc import Sequence
-from typing import Any
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from curation import __version__
 from curation.core import fsio
 from curation.core.fingerprint import modified_time
+from curation.core.redact import redact, redact_url
 from curation.core.stage import Shard
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 MARKER_DIR = "_done"
 STAGE_FILE = "_stage.json"
+#: Files a standalone command writes next to its parts; `--overwrite` removes them too.
+OWNED_FILES = ("manifest.json", "quarantine.jsonl")
+#: Final names whose temporaries from older versions (`<name>.tmp-<pid>-<hex>`) are cleaned.
+STAGE_TEMP_BASES = ("part-*.parquet", STAGE_FILE, *OWNED_FILES, "*.tar", "*.parquet")
+RUN_TEMP_BASES = (
+    *OWNED_FILES, "uids.npy", "entry_counts*.parquet", "entry_counts.png", "summary.*",
+)  # fmt: skip
 
 
 class ResumeError(RuntimeError):
@@ -88,7 +108,13 @@ def finish_part(
     fsio.atomic_write_parquet(part_url(stage_dir, shard.name), table, **(parquet or {}))
     counts = dict(counts)
     counts["rows_written"] = table.num_rows
-    stats = {"shard": shard.name, "input": shard.input, "counts": dict(sorted(counts.items()))}
+    from curation.core.redact import redact_url
+
+    stats = {
+        "shard": shard.name,
+        "input": redact_url(shard.input),
+        "counts": dict(sorted(counts.items())),
+    }
     stats.update(extra)
     write_marker(stage_dir, shard.name, stats)
     return stats
@@ -102,7 +128,7 @@ def parts_of(folder: str) -> list[Shard]:
     files = sorted(
         p
         for p in fs.find(path)
-        if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet") and ".tmp-" not in p
+        if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet")
     )
     if not files:
         raise FileNotFoundError(f"{folder} has no part-*.parquet files")
@@ -114,13 +140,17 @@ def parts_of(folder: str) -> list[Shard]:
     ]
 
 
-def prepare_stage_dir(stage_dir: str, fp: dict[str, Any], overwrite: bool) -> None:
-    """Create the stage folder, or check that its fingerprint matches (else refuse / wipe).
+def prepare_stage_dir(
+    stage_dir: str, fp: dict[str, Any], overwrite: bool, owned: Sequence[str] = ()
+) -> None:
+    """Create the stage folder, or check that its fingerprint matches (else refuse / clear).
 
     The fingerprint always holds the package version: parts written by another version of
-    the code are not reused.
+    the code are not reused. Clearing (`overwrite`) removes only what this package writes
+    there (`_clear_stage`), plus the files and folders matching the `fnmatch` patterns `owned`
+    (a stage's other outputs, e.g. fetch's `NAME-00000.tar`).
     """
-    fp = {**fp, "curation": __version__}
+    fp = redact({**fp, "curation": __version__})  # no credentials in _stage.json
     fs, path = fsio.url_to_fs(stage_dir)
     stage_file = fsio.join(stage_dir, STAGE_FILE)
     if fs.exists(path):
@@ -134,9 +164,9 @@ def prepare_stage_dir(stage_dir: str, fp: dict[str, Any], overwrite: bool) -> No
                         f"{', '.join(changed)}). Rerun with --overwrite to replace them, or "
                         "write to another output folder."
                     )
-                fs.rm(path, recursive=True)
+                _clear_stage(fs, path, owned)
         elif overwrite:
-            fs.rm(path, recursive=True)
+            _clear_stage(fs, path, owned)
     fs.makedirs(path, exist_ok=True)
     fs.makedirs(fsio.url_to_fs(fsio.join(stage_dir, MARKER_DIR))[1], exist_ok=True)
     if not fs.exists(fsio.url_to_fs(stage_file)[1]):
@@ -158,10 +188,60 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
+def _is_owned(name: str) -> bool:
+    """A file this package writes at the top of a stage folder (what `--overwrite` may remove)."""
+    return (
+        (name.startswith("part-") and name.endswith(".parquet"))
+        or name in (STAGE_FILE, *OWNED_FILES)
+        or fsio.own_temp_base(name, STAGE_TEMP_BASES) is not None
+    )
+
+
+def _clear_stage(fs: Any, path: str, owned: Sequence[str] = ()) -> None:
+    """Remove what this package wrote in a stage folder (`--overwrite`), and nothing else.
+
+    Parts, `_done/`, `_stage.json`, a standalone command's `manifest.json` and
+    `quarantine.jsonl`, and this package's temporary files go; anything else (a user's files,
+    subfolders) stays where it is.
+    """
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "directory" and (
+            name == MARKER_DIR or any(fnmatch.fnmatchcase(name, p) for p in owned)
+        ):
+            fs.rm(entry["name"], recursive=True)
+        elif entry["type"] == "file" and (
+            _is_owned(name) or any(fnmatch.fnmatchcase(name, p) for p in owned)
+        ):
+            fs.rm(entry["name"])
+
+
 def _remove_stale_temps(fs: Any, path: str) -> None:
-    for p in fs.find(path):
-        if ".tmp-" in p.rsplit("/", 1)[-1]:
-            fs.rm(p)
+    """This package's leftover temporary files in a stage folder and its `_done/`."""
+    _remove_temps_in(fs, path, STAGE_TEMP_BASES)
+    _remove_temps_in(fs, f"{path.rstrip('/')}/{MARKER_DIR}", ("*.json",))
+
+
+def _remove_temps_in(fs: Any, path: str, legacy_bases: tuple[str, ...]) -> None:
+    """Remove this package's temporary files directly in `path` (not in its subfolders)."""
+    try:
+        listing = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return
+    for entry in listing:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "file" and fsio.own_temp_base(name, legacy_bases) is not None:
+            fs.rm(entry["name"])
+
+
+def remove_stale_temps(folder: str, legacy_bases: tuple[str, ...] = RUN_TEMP_BASES) -> None:
+    """Remove this package's leftover temporary files directly in `folder` (any fsspec URL).
+
+    Only names `fsio.is_own_temp` recognises go (and temporaries of older versions whose final
+    name matches `legacy_bases`); a user's `notes.tmp-1` stays.
+    """
+    fs, path = fsio.url_to_fs(folder)
+    _remove_temps_in(fs, path, legacy_bases)
 
 
 def _marker_listing(stage_dir: str) -> dict[str, dict[str, Any]]:
@@ -174,7 +254,7 @@ def _marker_listing(stage_dir: str) -> dict[str, dict[str, Any]]:
     out = {}
     for entry in listing:
         name = entry["name"].rsplit("/", 1)[-1]
-        if name.endswith(".json") and ".tmp-" not in name:
+        if name.endswith(".json") and not fsio.is_own_temp(name):
             out[name[: -len(".json")]] = entry
     return out
 
@@ -210,7 +290,7 @@ def done_and_todo(
         if check_inputs and s.name in listing and _newer(s.input, modified_time(listing[s.name])):
             stale.append(s)
     if stale:
-        names = ", ".join(s.input for s in stale[:3])
+        names = ", ".join(redact_url(s.input) for s in stale[:3])
         log.warning(
             "%s: %d input(s) changed after their results were written (%s%s); redoing them",
             stage_dir, len(stale), names, ", ..." if len(stale) > 3 else "",
@@ -235,3 +315,261 @@ def _newer(url: str, than: float | None) -> bool:
     except FileNotFoundError:
         return False
     return mtime is not None and mtime > than
+
+
+# -- where a command may write ------------------------------------------------------------------
+def _input_roots(pattern: str) -> tuple[str, bool]:
+    """(the folder an input pattern reads from, whether it reads everything under it)."""
+    fs, path = fsio.url_to_fs(pattern)
+    if any(ch in path for ch in "*?["):
+        static = []
+        for seg in path.split("/"):
+            if any(ch in seg for ch in "*?["):
+                break
+            static.append(seg)
+        root = "/".join(static) or "/"
+        return fsio.full_url(fs, root), "**" in path
+    if fs.isdir(path):
+        return fsio.full_url(fs, path), True
+    return fsio.full_url(fs, path.rsplit("/", 1)[0] if "/" in path else "."), False
+
+
+def check_output_not_in_inputs(
+    out: str, inputs: Sequence[str], *, inputs_inside_out: bool = False
+) -> None:
+    """Refuse an output folder that is, or is inside, an input folder (and an input inside it).
+
+    A rerun would read its own parts as inputs (and `--overwrite` would remove inputs). An
+    input folder is a folder input, the static part of a `**` glob, or the folder of any glob
+    (writing into the very folder a glob reads). Inputs inside `out` are refused too, unless
+    `inputs_inside_out` (a job's run folder, whose `OUT/input/` shards are its own). URLs are
+    compared normalized (protocol + absolute path).
+    """
+    for raw in inputs:
+        for pattern in fsio.expand_braces(str(raw)):
+            root, recursive = _input_roots(pattern)
+            is_dir_or_glob = recursive or any(ch in pattern for ch in "*?[")
+            if is_dir_or_glob and (
+                fsio.is_within(out, root) if recursive else fsio.url_key(out) == fsio.url_key(root)
+            ):
+                raise ValueError(
+                    f"output folder {out} is inside input folder {root} (input {pattern}); a "
+                    "rerun would read its own output as input: write elsewhere"
+                )
+            if not inputs_inside_out and fsio.is_within(pattern, out):
+                raise ValueError(
+                    f"input {pattern} is inside output folder {out}; writing there could "
+                    "replace or remove it: write elsewhere"
+                )
+
+
+# -- one driver per output folder -----------------------------------------------------------------
+LEASE_FILE = "_lease.json"
+#: A lease whose heartbeat is older than this is taken over (its driver is presumed dead).
+LEASE_TIMEOUT_S = float(os.environ.get("CURATION_LEASE_TIMEOUT_S", "600"))
+#: How often a running driver refreshes its lease's heartbeat.
+LEASE_REFRESH_S = float(os.environ.get("CURATION_LEASE_REFRESH_S", "30"))
+_HELD: dict[tuple[str, str], int] = {}  # leases this process holds: url key -> depth
+_HELD_LOCK = threading.Lock()
+
+
+class LeaseError(ResumeError):
+    """Another driver is writing the same output folder (the CLI prints it as one line)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when process `pid` of this host runs (a zombie, killed but not reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+class OutputLease:
+    """An exclusive lease on an output folder: `OUT/_lease.json` (host, pid, token, heartbeat).
+
+    Created atomically on local disks (`O_CREAT | O_EXCL`); on object stores it is best effort
+    (check, PUT, read back the token): two drivers starting within the same second may both
+    proceed. A lease whose heartbeat is older than `timeout_s`, or whose pid is not alive on
+    this host, is stale and taken over. A thread refreshes the heartbeat every `refresh_s`; the
+    file is removed when the block ends, so it is never part of a finished run's outputs.
+    Entering also removes this package's stale temporary files in `OUT`, `OUT/counts` and
+    `OUT/report` (the lease holder is the only writer). Re-entrant within one process.
+    """
+
+    def __init__(
+        self, out: str, *, timeout_s: float | None = None, refresh_s: float | None = None
+    ) -> None:
+        self.out = out
+        self.url = fsio.join(out, LEASE_FILE)
+        self.timeout_s = LEASE_TIMEOUT_S if timeout_s is None else timeout_s
+        self.refresh_s = LEASE_REFRESH_S if refresh_s is None else refresh_s
+        self.token = uuid.uuid4().hex
+        self.started = time.time()
+        self._key = fsio.url_key(out)
+        self._nested = False
+        self._created_dir = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "started": self.started,
+            "heartbeat": time.time(),
+        }
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            data = fsio.read_json(self.url)
+        except FileNotFoundError:
+            return None
+        except ValueError:  # being written right now, or garbage
+            fs, path = fsio.url_to_fs(self.url)
+            try:
+                mtime = modified_time(fs.info(path))
+            except FileNotFoundError:
+                return None
+            return {"heartbeat": mtime or 0.0, "host": "?", "pid": -1, "token": "", "started": 0}
+        return data if isinstance(data, dict) else {}
+
+    def _stale(self, lease: dict[str, Any]) -> bool:
+        if time.time() - float(lease.get("heartbeat") or 0) > self.timeout_s:
+            return True
+        if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+            pid = lease["pid"]
+            if pid == os.getpid():
+                return self._key not in _HELD  # an earlier run of this process that died
+            return not _pid_alive(pid)
+        return False
+
+    def _refuse(self, lease: dict[str, Any]) -> LeaseError:
+        since = time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(lease.get("started") or 0))
+        )
+        return LeaseError(
+            f"{self.out} is being written by pid {lease.get('pid')} on host "
+            f"{lease.get('host')} since {since}; if that run is dead, remove {self.url}"
+        )
+
+    def _create(self) -> bool:
+        """Create the lease file if there is none; True when this call created it."""
+        fs, path = fsio.url_to_fs(self.url)
+        data = (json.dumps(self._body(), indent=2, sort_keys=True) + "\n").encode()
+        if isinstance(fs, LocalFileSystem):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if fs.exists(path):
+            return False
+        fsio.atomic_write_bytes(self.url, data)
+        return (self._read() or {}).get("token") == self.token
+
+    def acquire(self) -> None:
+        with _HELD_LOCK:
+            if self._key in _HELD:
+                _HELD[self._key] += 1
+                self._nested = True
+                return
+        fs, path = fsio.url_to_fs(self.out)
+        self._created_dir = not fs.exists(path)
+        fs.makedirs(path, exist_ok=True)
+        for _ in range(3):
+            if self._create():
+                break
+            lease = self._read()
+            if lease is None:
+                continue  # removed meanwhile: try again
+            if not self._stale(lease):
+                raise self._refuse(lease)
+            log.warning(
+                "%s: taking over a stale lease (pid %s on %s)",
+                self.out, lease.get("pid"), lease.get("host"),
+            )  # fmt: skip
+            again = self._read()
+            if again is not None and again.get("token") == lease.get("token"):
+                with contextlib.suppress(FileNotFoundError):
+                    fsio.url_to_fs(self.url)[0].rm(fsio.url_to_fs(self.url)[1])
+        else:
+            raise self._refuse(self._read() or {})
+        with _HELD_LOCK:
+            _HELD[self._key] = 1
+        for sub in ("", "counts", "report"):
+            remove_stale_temps(fsio.join(self.out, sub) if sub else self.out)
+        if self.refresh_s > 0:
+            self._thread = threading.Thread(
+                target=self._heartbeat, name=f"lease:{self.out}", daemon=True
+            )
+            self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            try:
+                lease = self._read()
+                if lease is None or lease.get("token") != self.token:
+                    log.error("%s: the lease %s was taken by another driver", self.out, self.url)
+                    return
+                fsio.atomic_write_json(self.url, {**lease, "heartbeat": time.time()})
+            except Exception:  # a failed refresh is retried at the next beat
+                log.warning("%s: could not refresh the lease", self.out, exc_info=True)
+
+    def release(self) -> None:
+        with _HELD_LOCK:
+            if self._nested:
+                _HELD[self._key] -= 1
+                return
+            _HELD.pop(self._key, None)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        lease = self._read()
+        fs, path = fsio.url_to_fs(self.url)
+        if lease is not None and lease.get("token") == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(path)
+        out_path = fsio.url_to_fs(self.out)[1]
+        if self._created_dir and isinstance(fs, LocalFileSystem):
+            with contextlib.suppress(OSError):
+                os.rmdir(out_path)  # only when the run wrote nothing at all
+
+    def __enter__(self) -> OutputLease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def output_lease(out: str, **kwargs: Any) -> OutputLease:
+    """`with output_lease(OUT): ...`: hold `OutputLease(OUT)` while the block runs."""
+    return OutputLease(out, **kwargs)
+
+
+def leased(param: str = "out") -> Callable[[F], F]:
+    """Decorate a flow so that it runs holding the lease of its argument `param`."""
+
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            out = sig.bind(*args, **kwargs).arguments[param]
+            with OutputLease(out):
+                return fn(*args, **kwargs)
+
+        return cast(F, run)
+
+    return wrap

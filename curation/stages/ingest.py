@@ -14,10 +14,22 @@ WAT extraction follows MetaCLIP's WAT parser: for each response metadata record,
 `IMG@/src` and that have a non-empty `url`; each non-empty `alt`, `title`, `data-image-title`
 (newlines and CRs replaced by spaces, stripped) is one pair. Image URLs are resolved against the
 page URL. A link without a URL yields nothing.
+
+Locators in quarantine entries are 0-based: `record` is the index of the WARC record in the WAT
+file (every record counts, the leading `warcinfo` included), the line of a JSONL file (blank
+lines included; the same number as the pair's `source_row`) or the row of a Parquet file.
+
+Memory is bounded per shard: a WARC record or a JSONL line over `max_record_bytes` is set aside
+without being held (`record_too_large`), and a JSONL or Parquet shard over `max_shard_bytes`
+(uncompressed: bytes of JSONL, the row groups' declared size and the decoded columns of Parquet)
+stops with `shard_too_large`, keeping and counting what was read before. Parquet is read in
+batches of rows. A text that is not valid Unicode (invalid UTF-8, a lone surrogate from a `\\ud800`
+JSON escape) or a JSONL field that is not a string drops that pair only.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -52,6 +64,13 @@ TABLE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 INPUT_SUFFIXES = WAT_SUFFIXES + TABLE_SUFFIXES
 # A record bigger than this is set aside unread: it bounds memory per record (decompression bomb).
 DEFAULT_MAX_RECORD_BYTES = 64 << 20
+# A JSONL/Parquet shard bigger than this once uncompressed is cut there (bomb, runaway file).
+DEFAULT_MAX_SHARD_BYTES = 16 << 30
+#: The string columns read from Parquet and JSONL inputs.
+TABLE_COLUMNS = ("uid", "url", "text", "text_key", "page_url")
+_PARQUET_BATCH_ROWS = 8192
+_JSONL_FLUSH_ROWS = 65536
+_READ_CHUNK = 1 << 20
 DEFAULT_MAX_TEXT_CHARS = 1000
 
 
@@ -124,13 +143,17 @@ class Ingestor(Source):
         self,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     ) -> None:
         if max_text_chars < 1:
             raise ValueError(f"max_text_chars must be >= 1, got {max_text_chars}")
         if max_record_bytes < 1024:
             raise ValueError(f"max_record_bytes must be >= 1024, got {max_record_bytes}")
+        if max_shard_bytes < 1024:
+            raise ValueError(f"max_shard_bytes must be >= 1024, got {max_shard_bytes}")
         self.max_text_chars = max_text_chars
         self.max_record_bytes = max_record_bytes
+        self.max_shard_bytes = max_shard_bytes
 
     def setup(self) -> None:
         """Nothing to load; present so every stage has the same shape."""
@@ -158,10 +181,12 @@ class Ingestor(Source):
             reader = _HashingReader(f)
             if fmt == "wat":
                 rows = self._read_wat(reader, url, shard_name, result)
-                result.counts["rows_read"] += len(rows)
+                result.counts["rows_read"] += len(rows)  # pairs dropped are counted already
                 table = self._wat_rows_to_table(rows, shard_name)
+            elif fmt == "parquet":
+                table = self._read_parquet(reader, url, shard_name, result)
             else:
-                table = self._read_table(reader, fmt, url, shard_name, result)
+                table = self._read_jsonl(reader, url, shard_name, result)
             # drain so the checksum covers the whole file
             while reader.read(1 << 20):
                 pass
@@ -191,17 +216,46 @@ class Ingestor(Source):
 
         counts = result.counts
         rows: list[tuple] = []
-        record_no = -1
+        record_no = -1  # index of the WARC record in the file, whatever its type
         last_pos, stopped = 0, False
         try:
             it = ArchiveIterator(
-                reader, record_types=WarcRecordType.metadata, parse_http=False, stream_detect=True
+                reader, record_types=WarcRecordType.any_type, parse_http=False, stream_detect=True
             )
             for record in it:
                 record_no += 1
                 last_pos = record.stream_pos
+                if record.record_type != WarcRecordType.metadata:
+                    continue
                 counts["records_read"] += 1
-                if record.content_length > self.max_record_bytes:
+                too_large = record.content_length > self.max_record_bytes
+                if too_large:
+                    # Read through rather than let FastWARC skip it: a length that runs past the
+                    # end of the file swallows the records after it, which is a truncation.
+                    got = 0
+                    while chunk := record.reader.read(_READ_CHUNK):
+                        got += len(chunk)
+                    payload = b""
+                else:
+                    payload = record.reader.read()
+                    got = len(payload)
+                if "Content-Length" not in record.headers or got < record.content_length:
+                    counts["records_dropped_truncated"] += 1
+                    counts["shards_truncated"] += 1
+                    result.quarantine.append(
+                        self._q(
+                            shard,
+                            url,
+                            "truncated_shard",
+                            f"record {record_no} has {got} of "
+                            f"{record.content_length} bytes; file ends early",
+                            record=record_no,
+                            offset=record.stream_pos,
+                        )
+                    )
+                    stopped = True
+                    break
+                if too_large:
                     counts["records_dropped_too_large"] += 1
                     result.quarantine.append(
                         self._q(
@@ -214,35 +268,36 @@ class Ingestor(Source):
                         )
                     )
                     continue
-                payload = record.reader.read()
-                if "Content-Length" not in record.headers or len(payload) < record.content_length:
-                    counts["records_dropped_truncated"] += 1
-                    counts["shards_truncated"] += 1
+                try:
+                    doc = json.loads(payload)
+                except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                    reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
+                    detail = "JSON nested too deeply" if isinstance(exc, RecursionError) else exc
+                    counts[f"records_dropped_{reason}"] += 1
                     result.quarantine.append(
                         self._q(
                             shard,
                             url,
-                            "truncated_shard",
-                            f"record {record_no} has {len(payload)} of "
-                            f"{record.content_length} bytes; file ends early",
+                            reason,
+                            str(detail),
                             record=record_no,
                             offset=record.stream_pos,
                         )
                     )
-                    stopped = True
-                    break
-                try:
-                    doc = json.loads(payload)
-                except ValueError as exc:  # UnicodeDecodeError is a ValueError too
-                    reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
-                    counts[f"records_dropped_{reason}"] += 1
+                    continue
+                dropped: list[str] = []
+                self._extract(doc, rows, counts, dropped if _may_have_surrogate(payload) else None)
+                for detail in dropped:
                     result.quarantine.append(
                         self._q(
-                            shard, url, reason, str(exc), record=record_no, offset=record.stream_pos
+                            shard,
+                            url,
+                            "bad_unicode",
+                            detail,
+                            record=record_no,
+                            offset=record.stream_pos,
                         )
                     )
-                    continue
-                self._extract(doc, rows, counts)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 corrupt/truncated gzip or WARC framing
@@ -284,7 +339,12 @@ class Ingestor(Source):
         return rows
 
     @staticmethod
-    def _extract(doc: Any, rows: list[tuple], counts: Counter) -> None:
+    def _extract(
+        doc: Any, rows: list[tuple], counts: Counter, dropped: list[str] | None = None
+    ) -> None:
+        """Appends the record's pairs to `rows`. When `dropped` is given, a pair with a string
+        that is not valid Unicode (a lone surrogate) is left out, counted as read and dropped
+        (`rows_dropped_bad_unicode`) and described in `dropped`."""
         env = doc.get("Envelope") if isinstance(doc, dict) else None
         if not isinstance(env, dict):
             counts["records_skipped_no_envelope"] += 1
@@ -326,6 +386,15 @@ class Ingestor(Source):
                 text = normalize_alt_text(value)
                 if not text:
                     continue
+                if dropped is not None:
+                    bad = _first_bad_unicode(
+                        {"url": resolved, key: text, "page_url": page_url}.items()
+                    )
+                    if bad is not None:
+                        counts["rows_read"] += 1
+                        counts["rows_dropped_bad_unicode"] += 1
+                        dropped.append(bad)
+                        continue
                 rows.append((resolved, text, key, page_url))
 
     @staticmethod
@@ -349,129 +418,294 @@ class Ingestor(Source):
         )
 
     # -- Parquet / JSONL -----------------------------------------------------------------------
-    def _read_table(
-        self, reader: _HashingReader, fmt: str, url: str, shard: str, result: StageOutput
+    def _shard_too_large(
+        self, shard: str, url: str, result: StageOutput, detail: str, **extra: Any
+    ) -> None:
+        result.counts["shards_too_large"] += 1
+        result.quarantine.append(
+            self._q(
+                shard, url, "shard_too_large", f"{detail}; limit {self.max_shard_bytes}", **extra
+            )
+        )
+
+    def _read_parquet(
+        self, reader: _HashingReader, url: str, shard: str, result: StageOutput
     ) -> pa.Table:
+        import pyarrow.parquet as pq
+
         counts = result.counts
-        data = reader.read()  # a storage error propagates from here, before any parsing
+        # The file is held (compressed) for random access; a storage error propagates from
+        # here, before any parsing.
+        data = bytearray()
+        while chunk := reader.read(16 * _READ_CHUNK):
+            data += chunk
+            if len(data) > self.max_shard_bytes:
+                self._shard_too_large(shard, url, result, f"file over {len(data)} bytes")
+                return PAIR_SCHEMA.empty_table()
         if not data:
             return PAIR_SCHEMA.empty_table()
-        # Parsing works on bytes in memory, so whatever it raises is damage (gzip's BadGzipFile
-        # is an OSError too).
+        # Parsing works on bytes in memory, so whatever it raises is damage.
         try:
-            if fmt == "parquet":
-                import pyarrow.parquet as pq
-
-                raw = pq.read_table(pa.BufferReader(data))
-            else:
-                raw = self._parse_jsonl(data, url, shard, result)
+            pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data)))
+            schema = pf.schema_arrow
+            declared = sum(
+                pf.metadata.row_group(i).total_byte_size for i in range(pf.num_row_groups)
+            )
         except Exception as exc:
             counts["shards_corrupt"] += 1
             result.quarantine.append(
                 self._q(shard, url, "corrupt_shard", f"{type(exc).__name__}: {exc}")
             )
             return PAIR_SCHEMA.empty_table()
-        missing = [c for c in ("url", "text") if c not in raw.column_names]
-        if missing:
+        problem = _schema_problem(schema)
+        if problem:
+            counts["shards_bad_schema"] += 1
+            result.quarantine.append(self._q(shard, url, "bad_schema", problem))
+            return PAIR_SCHEMA.empty_table()
+        if declared > self.max_shard_bytes:
+            self._shard_too_large(
+                shard, url, result, f"row groups declare {declared} uncompressed bytes"
+            )
+            return PAIR_SCHEMA.empty_table()
+        columns = [c for c in TABLE_COLUMNS if c in schema.names]
+        tables: list[pa.Table] = []
+        row0 = decoded = 0
+        try:
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+                decoded += _decoded_nbytes(batch)
+                if decoded > self.max_shard_bytes:
+                    self._shard_too_large(
+                        shard, url, result, f"columns decode to over {decoded} bytes", record=row0
+                    )
+                    break
+                n = batch.num_rows
+                rows = pa.array(np.arange(row0, row0 + n, dtype=np.int64))
+                tables.append(self._pairs(batch, rows, shard, url, result.counts, result))
+                row0 += n
+        except (OSError, pa.ArrowException) as exc:  # a damaged page or row group
+            counts["shards_corrupt"] += 1
+            result.quarantine.append(
+                self._q(shard, url, "corrupt_shard", f"{type(exc).__name__}: {exc}", record=row0)
+            )
+        return pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
+
+    def _read_jsonl(
+        self, reader: _HashingReader, url: str, shard: str, result: StageOutput
+    ) -> pa.Table:
+        """Streams the lines of a JSONL file (gzipped or not); see the module docstring."""
+        counts = result.counts
+        pair_counts: Counter = Counter()  # kept only when the file has url and text fields
+        src: Any = (
+            gzip.GzipFile(fileobj=reader, mode="rb") if url.lower().endswith(".gz") else reader
+        )
+        cols: dict[str, list] = {c: [] for c in TABLE_COLUMNS}
+        lines: list[int] = []
+        seen: set[str] = set()
+        tables: list[pa.Table] = []
+
+        def flush() -> None:
+            if lines:
+                t = pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
+                tables.append(self._pairs(t, pa.array(lines, pa.int64()), shard, url, pair_counts))
+                for v in cols.values():
+                    v.clear()
+                lines.clear()
+
+        def drop(i: int, reason: str, detail: str, counter: str | None = None) -> None:
+            counts["rows_read"] += 1
+            counts[counter or f"rows_dropped_{reason}"] += 1
+            result.quarantine.append(self._q(shard, url, reason, detail, record=i))
+
+        pos = [0]  # the line being read, for the locator of a shard-level entry
+        try:
+            for line_no, line in self._jsonl_lines(src, pos):
+                if line is None:
+                    drop(
+                        line_no,
+                        "record_too_large",
+                        f"line over {self.max_record_bytes} bytes",
+                        "rows_dropped_too_large",
+                    )
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except RecursionError:
+                    drop(line_no, "bad_json", "JSON nested too deeply")
+                    continue
+                except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+                    reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
+                    drop(line_no, reason, str(exc))
+                    continue
+                if not isinstance(obj, dict):
+                    drop(line_no, "bad_json", "line is not an object")
+                    continue
+                values = {c: obj.get(c) for c in TABLE_COLUMNS}
+                wrong = next(
+                    (c for c, v in values.items() if v is not None and not isinstance(v, str)),
+                    None,
+                )
+                if wrong is not None:
+                    kind = type(values[wrong]).__name__
+                    drop(line_no, "bad_field", f"field {wrong!r} is a {kind}, not a string")
+                    continue
+                if _may_have_surrogate(line):
+                    bad = _first_bad_unicode(values.items())
+                    if bad is not None:
+                        drop(line_no, "bad_unicode", bad)
+                        continue
+                seen.update(c for c in TABLE_COLUMNS if c in obj)
+                for c, v in values.items():
+                    cols[c].append(v)
+                lines.append(line_no)
+                if len(lines) >= _JSONL_FLUSH_ROWS:
+                    flush()
+        except _ShardTooLarge as exc:
+            self._shard_too_large(
+                shard, url, result, f"over {exc.args[0]} bytes uncompressed", record=pos[0]
+            )
+        except (OSError, EOFError, zlib.error) as exc:  # bad or cut gzip, or the storage's error
+            if reader.error is exc:
+                raise
+            if reader.error is not None:
+                raise reader.error from exc
+            cut = isinstance(exc, EOFError)
+            counts["shards_truncated" if cut else "shards_corrupt"] += 1
+            result.quarantine.append(
+                self._q(
+                    shard,
+                    url,
+                    "truncated_shard" if cut else "corrupt_shard",
+                    f"{type(exc).__name__}: {exc}",
+                    record=pos[0],
+                )
+            )
+        flush()
+        missing = [c for c in ("url", "text") if c not in seen]
+        if tables and missing:
             counts["shards_bad_schema"] += 1
             result.quarantine.append(
                 self._q(
                     shard,
                     url,
                     "bad_schema",
-                    f"missing column(s) {missing}; have {raw.column_names}",
+                    f"missing field(s) {missing}; have {sorted(seen)}",
                 )
             )
             return PAIR_SCHEMA.empty_table()
+        counts.update(pair_counts)
+        return pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()
+
+    def _jsonl_lines(self, src: Any, pos: list[int]) -> Any:
+        """(line number, bytes) of each line, or (line number, None) for a line over
+        `max_record_bytes` (reported once, skipped without being held); raises `_ShardTooLarge`
+        past `max_shard_bytes`. `pos[0]` is the number of the line being read."""
+        buf = bytearray()
+        line_no = total = 0
+        skipping = False
+        # read1: what gzip inflated before a cut is returned, not lost with the exception
+        read = getattr(src, "read1", src.read)
+        while chunk := read(_READ_CHUNK):
+            total += len(chunk)
+            if total > self.max_shard_bytes:
+                raise _ShardTooLarge(total)
+            start = 0
+            while True:
+                nl = chunk.find(b"\n", start)
+                end = len(chunk) if nl < 0 else nl
+                if not buf and not skipping and nl >= 0 and nl - start <= self.max_record_bytes:
+                    yield line_no, chunk[start:nl]  # the common case: a whole line in the chunk
+                else:
+                    if not skipping:
+                        buf += chunk[start:end]
+                        if len(buf) > self.max_record_bytes:
+                            buf.clear()
+                            skipping = True
+                            yield line_no, None
+                    if nl < 0:
+                        break
+                    if not skipping:
+                        yield line_no, bytes(buf)
+                    buf.clear()
+                    skipping = False
+                line_no += 1
+                pos[0] = line_no
+                start = nl + 1
+        if buf and not skipping:
+            yield line_no, bytes(buf)
+
+    def _pairs(
+        self,
+        raw: pa.Table | pa.RecordBatch,
+        source_row: pa.Array,
+        shard: str,
+        url: str,
+        counts: Counter,
+        result: StageOutput | None = None,
+    ) -> pa.Table:
+        """The pairs of one batch of string/binary columns (`TABLE_COLUMNS`): rows read,
+        dropped by reason, text normalized and capped. A row with invalid UTF-8 in a binary
+        column is dropped (`bad_utf8`) and quarantined in `result`."""
         n = raw.num_rows
         counts["rows_read"] += n
-        url_col = pc.cast(raw.column("url"), pa.string())
-        text_col = pc.cast(raw.column("text"), pa.string())
-        # source_row: the row of a Parquet file, the line number (0-based) of a JSONL file
-        source_row = (
-            raw.column("__line")
-            if "__line" in raw.column_names
-            else pa.array(np.arange(n, dtype=np.int64))
-        )
+        col: dict[str, pa.Array] = {}
+        invalid = np.zeros(n, dtype=bool)
+        first_bad: dict[int, str] = {}  # row -> the first column not valid UTF-8
+        for name in TABLE_COLUMNS:
+            if name not in raw.schema.names:
+                col[name] = pa.nulls(n, pa.string())
+                continue
+            arr, bad = _as_utf8(raw.column(name))
+            if bad is not None:
+                for i in np.flatnonzero(bad & ~invalid):
+                    first_bad[int(i)] = name
+                invalid |= bad
+            col[name] = arr
+        counts["rows_dropped_bad_utf8"] += len(first_bad)
+        if result is not None:
+            for i in sorted(first_bad):
+                result.quarantine.append(
+                    self._q(
+                        shard,
+                        url,
+                        "bad_utf8",
+                        f"column {first_bad[i]!r} is not valid UTF-8",
+                        record=source_row[i].as_py(),
+                    )
+                )
+        url_col, text_col = col["url"], col["text"]
         bad_url = pc.fill_null(pc.equal(pc.utf8_length(url_col), 0), True)
         text_norm = pc.utf8_trim_whitespace(
             pc.replace_substring(pc.replace_substring(text_col, "\n", " "), "\r", " ")
         )
+        if invalid.any():
+            bad_url = pc.and_(bad_url, pa.array(~invalid))
         bad_text = pc.and_(
             pc.invert(bad_url), pc.fill_null(pc.equal(pc.utf8_length(text_norm), 0), True)
         )
+        if invalid.any():
+            bad_text = pc.and_(bad_text, pa.array(~invalid))
         counts["rows_dropped_missing_url"] += pc.sum(bad_url).as_py() or 0
         counts["rows_dropped_empty_text"] += pc.sum(bad_text).as_py() or 0
-        keep = pc.invert(pc.or_(bad_url, bad_text))
-        if "uid" in raw.column_names:
-            given = pc.cast(raw.column("uid"), pa.string())
-            uid = pc.if_else(pc.is_null(given), uids_of_urls(url_col), given)
-        else:
-            uid = uids_of_urls(url_col)
-        text_key = (
-            pc.cast(raw.column("text_key"), pa.string())
-            if "text_key" in raw.column_names
-            else pa.nulls(n, pa.string())
-        )
-        page_url = (
-            pc.cast(raw.column("page_url"), pa.string())
-            if "page_url" in raw.column_names
-            else pa.nulls(n, pa.string())
-        )
+        keep = pc.invert(pc.or_(pc.or_(bad_url, bad_text), pa.array(invalid)))
+        given = col["uid"]
+        uid = pc.if_else(pc.is_null(given), uids_of_urls(url_col), given)
         table = pa.Table.from_arrays(
             [
                 uid,
                 url_col,
                 text_norm,
-                text_key,
-                page_url,
+                col["text_key"],
+                col["page_url"],
                 pa.array(np.full(n, shard, dtype=object), pa.string()),
                 source_row,
             ],
             schema=PAIR_SCHEMA,
-        )
-        return table.filter(keep)
-
-    def _parse_jsonl(self, data: bytes, url: str, shard: str, result: StageOutput) -> pa.Table:
-        if url.lower().endswith(".gz"):
-            import gzip
-
-            data = gzip.decompress(data)
-        lines = data.split(b"\n")
-        records = []
-        keys: set[str] = set()
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                reason, detail = (
-                    (None, "") if isinstance(obj, dict) else ("bad_json", "line is not an object")
-                )
-            except ValueError as exc:  # UnicodeDecodeError is a ValueError too
-                reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
-                detail = str(exc)
-            if reason is not None:
-                result.counts[f"rows_dropped_{reason}"] += 1
-                result.quarantine.append(self._q(shard, url, reason, detail, record=i))
-                continue
-            keys.update(obj)
-            obj["__line"] = i
-            records.append(obj)
-        bad = len(result.quarantine)
-        result.counts["rows_read"] += (
-            sum(1 for q in result.quarantine if q["reason"] in ("bad_utf8", "bad_json"))
-            if bad
-            else 0
-        )
-        if not records:
-            return pa.table({"url": pa.array([], pa.string()), "text": pa.array([], pa.string())})
-        # a column is present when any record has it, however late in the file
-        cols = ("uid", "url", "text", "text_key", "page_url")
-        present = [c for c in cols if c in keys] or ["url", "text"]
-        table = {c: pa.array([_as_str(r.get(c)) for r in records], pa.string()) for c in present}
-        table["__line"] = pa.array([r["__line"] for r in records], pa.int64())
-        return pa.table(table)
+        ).filter(keep)
+        table, truncated = self._cap_text(table)
+        counts["texts_truncated"] += truncated
+        return table
 
     def _cap_text(self, table: pa.Table) -> tuple[pa.Table, int]:
         text = table.column("text")
@@ -509,7 +743,86 @@ def _gzip_tail_state(url: str, start: int) -> str:
     return "complete"
 
 
-def _as_str(v: Any) -> str | None:
-    if v is None or isinstance(v, str):
-        return v
-    return str(v)
+class _ShardTooLarge(Exception):
+    """A JSONL shard grew past `max_shard_bytes` uncompressed (args: bytes seen)."""
+
+
+def _may_have_surrogate(data: bytes) -> bool:
+    """Can JSON text `data` decode to a lone surrogate? Only through a `\\u` escape or the
+    bytes ED A0-BF (UTF-8 of a surrogate, which `json.loads` of bytes lets through)."""
+    return b"\\u" in data or b"\xed" in data
+
+
+def _first_bad_unicode(items: Any) -> str | None:
+    """A detail naming the first (field, value) whose string is not valid Unicode, else None."""
+    for name, v in items:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"field {name!r} is not valid Unicode (lone surrogate): {ascii(v[:80])}"
+    return None
+
+
+def _schema_problem(schema: pa.Schema) -> str:
+    """Why a Parquet file's schema cannot be read as pairs ("" when it can)."""
+    missing = [c for c in ("url", "text") if c not in schema.names]
+    if missing:
+        return f"missing column(s) {missing}; have {schema.names}"
+    for name in TABLE_COLUMNS:
+        if name not in schema.names:
+            continue
+        t = schema.field(name).type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if not (
+            pa.types.is_null(t)
+            or pa.types.is_string(t)
+            or pa.types.is_large_string(t)
+            or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)
+        ):
+            return f"column {name!r} is {t}, not a string"
+    return ""
+
+
+def _decoded_nbytes(batch: pa.RecordBatch) -> int:
+    """The bytes of `batch` once its dictionary columns are decoded (a dictionary of one long
+    string repeated on every row is small until then)."""
+    total = 0
+    for arr in batch.columns:
+        if pa.types.is_dictionary(arr.type) and len(arr):
+            lengths = pc.binary_length(arr.dictionary)
+            total += (pc.sum(pc.take(lengths, arr.indices)).as_py() or 0) + arr.indices.nbytes
+        else:
+            total += arr.nbytes
+    return total
+
+
+def _as_utf8(arr: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
+    """A string/binary column as `string`, and the mask of rows that are not valid UTF-8 (set
+    to null), or None when all are valid. Bad rows are found by halving: one cast per part."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_null(arr.type):
+        return pa.nulls(len(arr), pa.string()), None
+    try:
+        return arr.cast(pa.string()), None
+    except pa.ArrowInvalid:
+        pass
+    bad = np.zeros(len(arr), dtype=bool)
+    parts = [(0, len(arr))]
+    while parts:
+        lo, hi = parts.pop()
+        try:
+            arr.slice(lo, hi - lo).cast(pa.string())
+            continue
+        except pa.ArrowInvalid:
+            pass
+        if hi - lo == 1:
+            bad[lo] = True
+        else:
+            mid = (lo + hi) // 2
+            parts += [(lo, mid), (mid, hi)]
+    cleaned = pc.if_else(pa.array(bad), pa.scalar(None, arr.type), arr)
+    return cleaned.cast(pa.string()), bad

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.io import datacomp
 from curation.flows.filter import run_filter
+from curation.io import datacomp
 from curation.stages.filters import filter_shards, make_filter, train_centroids
 
 from .conftest import run_cli

@@ -13,9 +13,14 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 
-from curation.io import datacomp
-from curation.stages.balance import Balancer, count_entries, entry_probabilities
+from curation.config.job import parse_job
+from curation.core.metadata import load_metadata
 from curation.flows.filter import run_filter
+from curation.flows.job import run_job
+from curation.flows.status import status
+from curation.io import datacomp
+from curation.io.parts import ResumeError
+from curation.stages.balance import Balancer, count_entries, entry_probabilities
 from curation.stages.filters import (
     ImageBasedFilter,
     LanguageId,
@@ -24,12 +29,7 @@ from curation.stages.filters import (
     make_filter,
     train_centroids,
 )
-from curation.config.job import parse_job
 from curation.stages.match import Matcher
-from curation.core.metadata import load_metadata
-from curation.flows.job import run_job
-from curation.flows.status import status
-from curation.io.parts import ResumeError
 
 from .conftest import read_parts, run_cli, tree_digest
 from .test_filter_ray import DIM, make_pool

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from curation.flows.score import OUTPUT_COLUMNS, score_shards
 from curation.io.images import decode_images, read_tar
 from curation.io.parts import ResumeError
 from curation.stages.score import TINY_MODEL, ClipScorer
-from curation.flows.score import OUTPUT_COLUMNS, score_shards
 
 from .conftest import assert_same_tree, read_parts
 

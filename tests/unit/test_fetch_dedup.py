@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.flows import fetch
 from curation.core.stage import Shard
+from curation.flows import fetch
 
 
 def reference(parts: list[list[str]]) -> list[list[bool]]:

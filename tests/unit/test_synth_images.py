@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from curation.cli import main
+from curation.core.text import uid_of_url
 from curation.synth.images import (
     COLORS,
     FAULT_KINDS,
@@ -23,7 +24,6 @@ from curation.synth.images import (
     generate_image_shard,
     write_synthetic_image_pool,
 )
-from curation.core.text import uid_of_url
 
 COLUMNS = [
     "key", "uid", "url", "caption", "status", "error_message", "width", "height",
