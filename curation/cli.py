@@ -154,7 +154,9 @@ class _Group(click.Group):
             msg = _user_message(exc)
             if msg is None:
                 raise
-            raise click.ClickException(msg.strip() or repr(exc)) from exc
+            from curation.core.redact import redact
+
+            raise click.ClickException(redact(msg.strip() or repr(exc))) from exc
 
 
 @click.group(

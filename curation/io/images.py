@@ -228,7 +228,9 @@ def iter_image_shard(
         return _iter_tar(url, name, limits, chunk_rows)
     if url.endswith(".parquet"):
         return _iter_parquet(url, name, limits, image_column, chunk_rows)
-    raise ValueError(f"{url}: an image shard is a .tar / .tar.gz / .tgz (webdataset) or a .parquet image table")
+    raise ValueError(
+        f"{url}: an image shard is a .tar / .tar.gz / .tgz (webdataset) or a .parquet image table"
+    )
 
 
 def read_image_shard(

@@ -237,3 +237,9 @@ def test_duplicate_uids_across_parts_are_counted(tmp_path):
         parts.append(str(p))
     assert duplicate_uids(parts) == 2  # a and b; b twice within one part counts once there
     assert duplicate_uids(parts[:1]) == 0
+
+
+def test_error_lines_never_show_credentials():
+    exc = InputError("cannot list input 'http://alice:s3cr3t@h/x.jsonl': refused")
+    line = _one_error_line(_run(exc))
+    assert "s3cr3t" not in line and "alice:***@h/x.jsonl" in line

@@ -278,7 +278,7 @@ def test_gzip_bomb_is_cut_at_the_shard_limit_on_the_last_chunk(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="chunk_rows"):
         iter_image_shard("x.tar", chunk_rows=0)
-    with pytest.raises(ValueError, match=r"\.tar \(webdataset\) or a \.parquet"):
+    with pytest.raises(ValueError, match=r"\.tgz \(webdataset\) or a \.parquet"):
         iter_image_shard("x.zip")
 
 
