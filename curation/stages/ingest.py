@@ -205,6 +205,36 @@ class Ingestor(Source):
         """`read(Shard(shard_name, url))`: one input file by its URL."""
         return self.read(Shard(name=shard_name, input=url))
 
+    def _damaged(
+        self,
+        reader: Any,
+        exc: BaseException,
+        is_cut: Any,
+        shard: str,
+        url: str,
+        result: StageOutput,
+        record: int,
+    ) -> None:
+        """A stream that failed mid-shard: the storage's own error propagates (the executor
+        retries it); real damage is quarantined as `truncated_shard` (`is_cut`, a bool or a
+        callable asked only then) or
+        `corrupt_shard`, keeping what was read before it."""
+        if reader.error is exc:
+            raise exc
+        if reader.error is not None:
+            raise reader.error from exc
+        cut = bool(is_cut()) if callable(is_cut) else bool(is_cut)
+        result.counts["shards_truncated" if cut else "shards_corrupt"] += 1
+        result.quarantine.append(
+            self._q(
+                shard,
+                url,
+                "truncated_shard" if cut else "corrupt_shard",
+                f"{type(exc).__name__}: {exc}",
+                record=record,
+            )
+        )
+
     def _q(self, shard: str, url: str, reason: str, detail: str, **extra: Any) -> dict[str, Any]:
         return quarantine_record(self.name, shard, url, reason, detail, **extra)
 
@@ -304,22 +334,11 @@ class Ingestor(Source):
             # (FastWARC may raise a pyo3 PanicException, a BaseException); keep what was read.
             # FastWARC raises OSError for damaged data too: a storage error is told apart by the
             # reader having seen it, and propagates as the stream raised it.
-            if reader.error is exc:
-                raise
-            if reader.error is not None:
-                raise reader.error from exc
             stopped = True
-            cut = _gzip_tail_state(url, last_pos) == "truncated"
-            counts["shards_truncated" if cut else "shards_corrupt"] += 1
-            result.quarantine.append(
-                self._q(
-                    shard,
-                    url,
-                    "truncated_shard" if cut else "corrupt_shard",
-                    f"{type(exc).__name__}: {exc}",
-                    record=record_no + 1,
-                )
-            )
+            self._damaged(
+                reader, exc, lambda: _gzip_tail_state(url, last_pos) == "truncated",
+                shard, url, result, record_no + 1,
+            )  # fmt: skip
         if reader.error is not None:  # the stream failed and FastWARC stopped quietly
             raise reader.error
         tail = "complete" if stopped else _gzip_tail_state(url, last_pos)
@@ -566,21 +585,7 @@ class Ingestor(Source):
                 shard, url, result, f"over {exc.args[0]} bytes uncompressed", record=pos[0]
             )
         except (OSError, EOFError, zlib.error) as exc:  # bad or cut gzip, or the storage's error
-            if reader.error is exc:
-                raise
-            if reader.error is not None:
-                raise reader.error from exc
-            cut = isinstance(exc, EOFError)
-            counts["shards_truncated" if cut else "shards_corrupt"] += 1
-            result.quarantine.append(
-                self._q(
-                    shard,
-                    url,
-                    "truncated_shard" if cut else "corrupt_shard",
-                    f"{type(exc).__name__}: {exc}",
-                    record=pos[0],
-                )
-            )
+            self._damaged(reader, exc, isinstance(exc, EOFError), shard, url, result, pos[0])
         flush()
         missing = [c for c in ("url", "text") if c not in seen]
         if tables and missing:
