@@ -89,3 +89,33 @@ def write_stage_manifest(out_dir: str, stage: str, summary: dict[str, Any], **ex
     body = {"stage": stage, "versions": versions(), "summary": public(summary)}
     body.update(extra)
     fsio.atomic_write_json(fsio.join(out_dir, "manifest.json"), redact(body))
+
+
+def check_handoff(
+    prev: str, prev_markers: dict[str, dict], stage: str, markers: dict[str, dict]
+) -> None:
+    """Check that `stage` read exactly what `prev` wrote: the same shards, row for row.
+
+    A stage finds its input by listing the previous stage's folder; on a cluster whose output
+    folder is not visible from every node (a local path), that listing silently misses parts.
+    The previous stage's markers say what was written, so a mismatch fails loudly here.
+    """
+    missing = sorted(set(prev_markers) - set(markers))
+    extra = sorted(set(markers) - set(prev_markers))
+    if missing or extra:
+        raise RuntimeError(
+            f"{stage} read {len(markers)} shard(s) but {prev} wrote {len(prev_markers)} "
+            f"(not read: {missing[:5]}, not written by {prev}: {extra[:5]}); the output folder "
+            "must be on storage that every node of the cluster sees"
+        )
+    bad = [
+        (name, prev_markers[name]["counts"].get("rows_written"), m["counts"].get("rows_read"))
+        for name, m in sorted(markers.items())
+        if prev_markers[name]["counts"].get("rows_written") != m["counts"].get("rows_read")
+    ]
+    if bad:
+        name, wrote, read = bad[0]
+        raise RuntimeError(
+            f"{stage} read {read} rows of shard {name!r} but {prev} wrote {wrote} "
+            f"({len(bad)} shard(s) differ); its part changed or was not visible"
+        )

@@ -16,7 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.core import fsio
-from curation.core.accounting import summarize, write_quarantine, write_stage_manifest
+from curation.core.accounting import (
+    check_handoff,
+    summarize,
+    write_quarantine,
+    write_stage_manifest,
+)
 from curation.core.fingerprint import (
     content_inputs,
     fingerprint,
@@ -302,6 +307,7 @@ def run_metaclip_job(
         progress=progress,
         upstream=up,
     )
+    check_handoff("ingest", stage_markers[-1], "match", mt["_markers"])
     manifest["flow"] = ["ingest"]
     count_and_balance(
         spec, out, mt, up, manifest, stage_markers, overwrite=overwrite, progress=progress
@@ -358,6 +364,7 @@ def count_and_balance(
         progress=progress,
         upstream=up,
     )
+    check_handoff("match", stage_markers[-1], "balance", bl["_markers"])
     stage_markers.append(bl.pop("_markers"))
     manifest["stages"]["balance"] = bl
     after, _ = count(fsio.join(out, "balance"), spec.metadata)

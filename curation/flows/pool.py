@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from curation.core import fsio
-from curation.core.accounting import write_quarantine
+from curation.core.accounting import check_handoff, write_quarantine
 from curation.core.fingerprint import (
     assets_fingerprint,
     file_identity,
@@ -98,6 +98,8 @@ def run_pool_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool
             overwrite=overwrite,
             progress=progress,
         )
+        if pool_urls is not None:  # filtering the balanced rows: it must read them all
+            check_handoff("balance", stage_markers[-1], "filter", fl["_markers"])
         stage_markers.append(fl.pop("_markers"))
         manifest["stages"]["filter"] = fl
         manifest["flow"].append("filter")
@@ -131,6 +133,7 @@ def run_pool_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool
                 progress=progress,
                 upstream=up,
             )
+            check_handoff("filter", stage_markers[-1], "match", mt["_markers"])
         up = count_and_balance(
             spec, out, mt, up, manifest, stage_markers, overwrite=overwrite, progress=progress
         )

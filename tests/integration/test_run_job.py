@@ -361,3 +361,19 @@ def test_count_takes_metadata_from_the_match_stage(base, small_metadata, tmp_pat
     write_metadata_json(["x", "y"], str(other))
     with pytest.raises(ValueError, match="not the metadata"):
         match_metadata(str(out / "match"), str(other))
+
+
+def test_a_stage_that_does_not_see_every_part_fails_loudly(small_metadata, tmp_path, monkeypatch):
+    """On a cluster a local output path lists only the driver's parts; the handoff check (the
+    previous stage's markers say what was written) turns that silent loss into an error."""
+    import curation.flows.metaclip as metaclip
+
+    real = metaclip.parts_of
+
+    def driver_sees_some(folder):  # like a listing on one node of a multi-node cluster
+        shards = real(folder)
+        return shards[1:] if folder.endswith("ingest") else shards
+
+    monkeypatch.setattr(metaclip, "parts_of", driver_sees_some)
+    with pytest.raises(RuntimeError, match=r"match read \d+ shard.*not read: \['synth-00000'\]"):
+        run(small_metadata, tmp_path / "out", t=T, seed=SEED)
