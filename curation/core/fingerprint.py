@@ -59,9 +59,13 @@ def file_identity(url: str) -> dict[str, Any] | None:
     """
     fs, path = fsio.url_to_fs(url)
     try:
-        info = fs.info(path)
+        return _identity(fs.info(path))
     except FileNotFoundError:
         return None
+
+
+def _identity(info: dict[str, Any]) -> dict[str, Any]:
+    """`file_identity` from an `fs.info` entry."""
     out: dict[str, Any] = {"size": info.get("size")}
     for key in _CONTENT_KEYS:
         if info.get(key) is not None:
@@ -83,7 +87,7 @@ def asset_digest(url: str) -> str | None:
         info = fs.info(path)
     except FileNotFoundError:
         return None
-    key = (url, json.dumps([info.get("size"), file_identity(url), modified_time(info)]))
+    key = (url, json.dumps([_identity(info), modified_time(info)]))
     if key not in _DIGESTS:
         h = hashlib.sha256()
         with fs.open(path, "rb") as f:

@@ -108,18 +108,15 @@ def with_io_retries(fn: Callable[[], Any], what: str) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _set_up(box: list[Any]) -> Any:
-    """The stage in `box` (an ObjectRef, or the stage itself), set up once per worker process."""
+def _set_up(box: list[Any]) -> Stage:
+    """The stage in `box` (its ObjectRef, boxed so Ray does not resolve it), set up once per
+    worker process and cached by that ref."""
     import ray
 
-    ref = box[0]
-    if not isinstance(ref, ray.ObjectRef):
-        ref.setup()
-        return ref
-    key = ref.hex()
+    key = box[0].hex()
     stage = _WORKER_CACHE.get(key)
     if stage is None:
-        stage = ray.get(ref)
+        stage = ray.get(box[0])
         stage.setup()
         _WORKER_CACHE[key] = stage
         while len(_WORKER_CACHE) > _CACHE_SIZE:

@@ -80,11 +80,6 @@ def write_marker(stage_dir: str, shard: str, stats: dict[str, Any]) -> None:
     fsio.atomic_write_json(marker_url(stage_dir, shard), stats)
 
 
-def read_marker(stage_dir: str, shard: str) -> dict[str, Any] | None:
-    url = marker_url(stage_dir, shard)
-    return fsio.read_json(url) if fsio.exists(url) else None
-
-
 def read_part(url: str, columns: Sequence[str] | None = None) -> pa.Table:
     """One stage part (any fsspec URL)."""
     fs, path = fsio.url_to_fs(url)
@@ -286,9 +281,13 @@ def done_and_todo(
     listing = _marker_listing(stage_dir)
     fs, _ = fsio.url_to_fs(stage_dir)
     stale = []
-    for s in shards:
-        if check_inputs and s.name in listing and _newer(s.input, modified_time(listing[s.name])):
-            stale.append(s)
+    if check_inputs:
+        finished = [s for s in shards if s.name in listing]
+        input_mtimes = _mtimes([s.input for s in finished])
+        for s in finished:
+            written, changed = modified_time(listing[s.name]), input_mtimes.get(s.input)
+            if written is not None and changed is not None and changed > written:
+                stale.append(s)
     if stale:
         names = ", ".join(redact_url(s.input) for s in stale[:3])
         log.warning(
@@ -305,16 +304,25 @@ def done_and_todo(
     return done, todo
 
 
-def _newer(url: str, than: float | None) -> bool:
-    """True when `url` was modified after the time `than` (unknown times: False)."""
-    if than is None:
-        return False
-    fs, path = fsio.url_to_fs(url)
-    try:
-        mtime = modified_time(fs.info(path))
-    except FileNotFoundError:
-        return False
-    return mtime is not None and mtime > than
+def _mtimes(urls: Sequence[str]) -> dict[str, float]:
+    """Modification time of each existing file in `urls`, from one listing per folder (not one
+    storage call per file)."""
+    by_folder: dict[tuple[Any, str], dict[str, str]] = {}
+    for url in urls:
+        fs, path = fsio.url_to_fs(url)
+        by_folder.setdefault((fs, path.rsplit("/", 1)[0]), {})[path] = url
+    out: dict[str, float] = {}
+    for (fs, folder), wanted in by_folder.items():
+        try:
+            listing = fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            continue
+        for entry in listing:
+            url = wanted.get(entry["name"].rstrip("/"))
+            mtime = modified_time(entry) if url is not None else None
+            if mtime is not None:
+                out[url] = mtime
+    return out
 
 
 # -- where a command may write ------------------------------------------------------------------
