@@ -8,7 +8,8 @@
 - `run_tasks(task, shards, stage_dir)`: the same scheduling for plain per-shard functions that
   write their own outputs (synthetic pools, img2dataset re-keying).
 - `run_actor_stage`: CPU producer tasks feeding a pool of actors (GPU stages, `resources.actor`).
-- `sum_over_shards`: a reduction (entry counts) computed by tasks.
+- `reduce_over_shards` / `sum_over_shards`: reductions (entry counts, score histograms)
+  computed by a tree of tasks; only the final value reaches the driver.
 
 Transient storage errors (`OSError`) are retried with exponential backoff inside the task and
 then by Ray; they are never recorded as damage, and a shard is marked done only after its part
@@ -266,29 +267,80 @@ def _schedule(
     return {s.name: done[s.name] for s in shards}
 
 
-def _sum_task(fn: Callable[[str], np.ndarray], url: str) -> np.ndarray:
-    return with_io_retries(lambda: fn(url), url)
+def _leaf_task(fn: Callable[[Any], Any], items: Sequence[Any], combine: Callable) -> Any:
+    """Ray task body: `fn` over a batch of items (I/O errors retried), combined locally."""
+    acc = None
+    for item in items:
+        value = with_io_retries(lambda item=item: fn(item), str(item))
+        acc = value if acc is None else combine(acc, value)
+    return acc
+
+
+def _combine_task(combine: Callable[[Any, Any], Any], *parts: Any) -> Any:
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = combine(acc, p)
+    return acc
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+#: Items one leaf task reduces at most, and the fan-in of the combining tree.
+REDUCE_BATCH = 256
+REDUCE_FAN_IN = 16
+
+
+def reduce_over_shards(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    combine: Callable[[Any, Any], Any] = _add,
+    *,
+    batch: int | None = None,
+    fan_in: int = REDUCE_FAN_IN,
+) -> Any:
+    """`combine(fn(item) for item in items)` computed entirely by Ray tasks, as a tree.
+
+    Leaf tasks each reduce a batch of consecutive items; combining tasks merge up to `fan_in`
+    results at a time until one is left, and only that one reaches the driver. The driver
+    holds object references (O(items / batch)), never the per-item results: a dense count
+    vector per shard at 10^5 shards is summed on the cluster, not in the driver. `combine`
+    must be associative; the tree's shape depends only on `len(items)`, so a floating-point
+    reduction is deterministic too. Returns None for no items.
+    """
+    import ray
+
+    items = list(items)
+    if not items:
+        return None
+    if batch is None:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        batch = max(1, min(REDUCE_BATCH, -(-len(items) // (4 * cpus))))
+    opts = {"num_cpus": 1, "max_retries": TASK_RETRIES, "retry_exceptions": [TransientIOError]}
+    leaf = ray.remote(**opts)(_leaf_task)
+    node = ray.remote(**opts)(_combine_task)
+    fn_ref, combine_ref = ray.put(fn), ray.put(combine)
+    refs = [
+        leaf.remote(fn_ref, items[i : i + batch], combine_ref) for i in range(0, len(items), batch)
+    ]
+    while len(refs) > 1:
+        refs = [
+            node.remote(combine_ref, *refs[i : i + fan_in]) if len(refs[i : i + fan_in]) > 1
+            else refs[i]
+            for i in range(0, len(refs), fan_in)
+        ]  # fmt: skip
+    return ray.get(refs[0])
 
 
 def sum_over_shards(
     fn: Callable[[str], np.ndarray], urls: Sequence[str], size: int, dtype: Any = np.uint64
 ) -> np.ndarray:
-    """Σ fn(url) over `urls`, each computed by a Ray task, summed as results arrive."""
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[TransientIOError])(
-        _sum_task
-    )
-    fn_ref = ray.put(fn)
-    cpus = int(ray.available_resources().get("CPU", 1)) or 1
-    total = np.zeros(size, dtype=dtype)
-    queue, pending = collections.deque(urls), []
-    while queue or pending:
-        while queue and len(pending) < 2 * cpus:
-            pending.append(remote.remote(fn_ref, queue.popleft()))
-        ready, pending = ray.wait(pending, num_returns=1)
-        total += ray.get(ready[0])
-    return total
+    """Σ fn(url) over `urls` (arrays of `size`), reduced by a tree of Ray tasks."""
+    total = reduce_over_shards(fn, urls)
+    if total is None:
+        return np.zeros(size, dtype=dtype)
+    return np.asarray(total, dtype=dtype)
 
 
 def map_shards(fn: Callable[..., Any], shards: Sequence[Any], *args: Any) -> list[Any]:

@@ -3,7 +3,9 @@ standalone commands.
 
 Each function plans one stage on the driver (inputs, fingerprint, checks before any work) and
 hands the stage object to the executor; the driver never holds a column of the pool. Counting is
-the barrier: per-shard entry counts are summed by tasks before balancing starts.
+the barrier: per-shard entry counts are summed by a tree of tasks (only the total reaches the
+driver) and persisted with the identity of the parts counted, so a resumed job does not count
+again.
 """
 
 from __future__ import annotations
@@ -177,6 +179,10 @@ def count(inp: str, metadata: str) -> tuple[np.ndarray, tuple[str, ...]]:
     return sum_over_shards(_PartCounter(len(md)), urls, len(md)), md.entries
 
 
+#: Suffix of the file beside a job's counts file holding the identity of the parts counted.
+COUNTS_SOURCE_SUFFIX = ".counted-from"
+
+
 def write_counts(counts: np.ndarray, entries: Sequence[str], path: str) -> None:
     """`entry_counts.parquet`: entry_id, entry, count (uint64), one row per metadata entry."""
     table = pa.table(
@@ -189,9 +195,41 @@ def write_counts(counts: np.ndarray, entries: Sequence[str], path: str) -> None:
     fsio.atomic_write_parquet(path, table)
 
 
+def persisted_count(
+    inp: str, metadata: str, markers: dict[str, dict], path: str
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Global entry counts of the stage folder `inp` (whose done markers are `markers`), kept
+    in `path` (with the key in `path + ".counted-from"`): a resumed job whose parts are
+    unchanged reads them back instead of recounting.
+
+    The key is the stage's fingerprint (`_stage.json`) and every shard's marker counts: a
+    redone or changed stage gives a new key, and the counts are computed again.
+    """
+    md = load_metadata(metadata)
+    stage_file = fsio.join(inp, STAGE_FILE)
+    source = fingerprint(
+        {
+            "stage": fsio.read_json(stage_file) if fsio.exists(stage_file) else None,
+            "markers": {name: m.get("counts") for name, m in sorted(markers.items())},
+            "checksum": md.checksum,
+        }
+    )
+    key_url = path + COUNTS_SOURCE_SUFFIX
+    if fsio.exists(key_url) and fsio.exists(path) and fsio.read_json(key_url) == source:
+        counts = read_counts(path)
+        if len(counts) == len(md):
+            return counts, md.entries
+    counts, entries = count(inp, metadata)
+    write_counts(counts, entries, path)
+    fsio.atomic_write_json(key_url, source)  # after the counts: a crash between recounts
+    return counts, entries
+
+
 def read_counts(path: str) -> np.ndarray:
     """The count column of an `entry_counts.parquet` (checked to be 0..N-1 in order)."""
-    t = pq.read_table(path, columns=["entry_id", "count"])
+    fs, fpath = fsio.url_to_fs(path)
+    with fs.open(fpath, "rb") as f:
+        t = pq.read_table(f, columns=["entry_id", "count"])
     ids = t.column("entry_id").to_numpy()
     if not np.array_equal(ids, np.arange(len(ids))):
         raise ValueError(f"{path}: entry_id must be 0..N-1 in order (one row per metadata entry)")
@@ -338,8 +376,12 @@ def count_and_balance(
     stage_markers.append(mt.pop("_markers"))
     manifest["metadata"] = mt.pop("metadata")
     manifest["stages"]["match"] = mt
-    before, entries = count(fsio.join(out, "match"), spec.metadata)
-    write_counts(before, entries, fsio.join(out, "counts", "entry_counts.parquet"))
+    before, entries = persisted_count(
+        fsio.join(out, "match"),
+        spec.metadata,
+        stage_markers[-1],
+        fsio.join(out, "counts", "entry_counts.parquet"),
+    )
     t, p = resolve_t(before, spec.t, spec.tail_proportion)
     manifest["balance"] = {
         "t": t,
@@ -367,8 +409,12 @@ def count_and_balance(
     check_handoff("match", stage_markers[-1], "balance", bl["_markers"])
     stage_markers.append(bl.pop("_markers"))
     manifest["stages"]["balance"] = bl
-    after, _ = count(fsio.join(out, "balance"), spec.metadata)
-    write_counts(after, entries, fsio.join(out, "counts", "entry_counts_balanced.parquet"))
+    after, _ = persisted_count(
+        fsio.join(out, "balance"),
+        spec.metadata,
+        stage_markers[-1],
+        fsio.join(out, "counts", "entry_counts_balanced.parquet"),
+    )
     report = write_report(out, before, after, entries, t, p)
     manifest["report"] = {"head_tail_before": report["before"], "head_tail_after": report["after"]}
     manifest["flow"] += ["match", "count", "balance"]
