@@ -112,6 +112,8 @@ def _user_message(exc: BaseException) -> str | None:
         return f"{type(exc).__name__}: {exc}" if exc.errno is None else str(exc)
     if any(c.__module__.split(".")[0] in ("aiohttp", "requests") for c in type(exc).__mro__):
         return f"network error: {type(exc).__name__}: {exc}"
+    if fsio.is_storage_error(exc):  # the store's client: credentials, endpoint, throttling
+        return f"storage error: {type(exc).__name__}: {exc}"
     return None
 
 
@@ -290,8 +292,28 @@ def synth(
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1, required=False)
 @click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
+@click.option(
+    "--paths",
+    "paths_listing",
+    default=None,
+    metavar="LISTING",
+    help="A CommonCrawl paths listing (e.g. wat.paths.gz; local, s3://, gs:// or https://), "
+    "one path per line: ingest the files it names, under --base-url. Instead of INPUTS.",
+)
+@click.option(
+    "--base-url",
+    default=None,
+    help="With --paths: the URL the listed paths are relative to "
+    "[default: https://data.commoncrawl.org/]; e.g. s3://commoncrawl/ or a local mirror.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --paths: only the first N paths of the listing (in listing order).",
+)
 @click.option(
     "--max-text-chars",
     type=click.IntRange(min=1),
@@ -307,6 +329,9 @@ def synth(
 def ingest(
     inputs: tuple[str, ...],
     out_dir: str,
+    paths_listing: str | None,
+    base_url: str | None,
+    limit: int | None,
     max_text_chars: int,
     no_glob: bool,
     address: str | None,
@@ -317,16 +342,35 @@ def ingest(
     """Extract (image URL, alt-text) pairs from WAT, Parquet or JSONL shards.
 
     INPUTS are files, globs, brace patterns or folders on any fsspec URL (--no-glob: literal
-    paths, for names with [ ] { } in them). Writes one part-<shard>.parquet per input,
+    paths, for names with [ ] { } in them); http(s):// URLs are read as they are (never
+    globbed). Or --paths LISTING: the files a CommonCrawl paths listing names, under
+    --base-url (--limit N: the first N). Writes one part-<shard>.parquet per input,
     manifest.json and quarantine.jsonl.
 
     \b
     Example:
       curation ingest 's3://bucket/CC-MAIN-2024-10/wat/*.warc.wat.gz' -o s3://bucket/pairs
       curation ingest 'pool/synth-{00000..00003}.warc.wat.gz' -o out/ingest
+      curation ingest --paths https://data.commoncrawl.org/crawl-data/CC-MAIN-2024-10/wat.paths.gz \\
+        --base-url https://data.commoncrawl.org/ --limit 10 -o out/ingest
     """
     from curation.flows.metaclip import ingest_command
 
+    listing = None
+    if paths_listing is None:
+        if not inputs:
+            raise click.UsageError("give INPUTS or --paths LISTING")
+        if base_url is not None or limit is not None:
+            raise click.UsageError("--base-url and --limit go with --paths only")
+    else:
+        if inputs:
+            raise click.UsageError(
+                "INPUTS and --paths are mutually exclusive: give input files or a listing"
+            )
+        from curation.io.paths_listing import COMMONCRAWL_BASE_URL, read_paths_listing
+
+        # read and checked before Ray starts: a bad line fails before any work
+        listing = read_paths_listing(paths_listing, base_url or COMMONCRAWL_BASE_URL, limit)
     _ray(address, num_cpus)
     summary = ingest_command(
         _literal(inputs, no_glob),
@@ -334,6 +378,7 @@ def ingest(
         max_text_chars=max_text_chars,
         overwrite=overwrite,
         progress=not quiet,
+        **({"listing": listing} if listing is not None else {}),
     )
     n_q = summary["quarantined"]
     click.echo(

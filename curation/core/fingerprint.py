@@ -49,6 +49,41 @@ def modified_time(info: dict[str, Any]) -> float | None:
     return None
 
 
+#: Attempts (with backoff from 0.5 s) to ask a remote store for a file's identity when the
+#: answer is a transient error rather than "absent".
+IDENTITY_ATTEMPTS = 4
+
+
+def _remote_identity(fs: Any, path: str) -> dict[str, Any] | None:
+    """`_identity(fs.info(path))`, None when the file is absent, retried on transient errors.
+
+    fsspec's HTTP filesystem reports *any* failure of its HEAD-then-GET probe as
+    FileNotFoundError (a 503 or a reset connection included), with the real error as its
+    cause: only a 404/410 is absence here; anything else is retried and then raised as an
+    OSError, so a throttled store never records an input as missing in a stage fingerprint.
+    """
+    import time
+
+    delay = 0.5
+    for attempt in range(1, IDENTITY_ATTEMPTS + 1):
+        try:
+            return _identity(fs.info(path))
+        except FileNotFoundError as exc:
+            cause = exc.__cause__
+            protos = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+            http = bool(protos & {"http", "https"})
+            if not http or cause is None or getattr(cause, "status", None) in (404, 410):
+                return None  # object stores and disks say "absent" only when it is
+            err: Exception = cause
+        except OSError as exc:
+            err = exc
+        if attempt == IDENTITY_ATTEMPTS:
+            raise OSError(f"{redact_url(path)}: {type(err).__name__}: {err}") from err
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def file_identity(url: str) -> dict[str, Any] | None:
     """Size and, where the store gives one, a content tag (ETag / md5 / crc32c) of a file;
     None when it does not exist.
@@ -58,10 +93,7 @@ def file_identity(url: str) -> dict[str, Any] | None:
     modification time instead (`io.parts.done_and_todo`).
     """
     fs, path = fsio.url_to_fs(url)
-    try:
-        return _identity(fs.info(path))
-    except FileNotFoundError:
-        return None
+    return _remote_identity(fs, path)
 
 
 def _identity(info: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +152,71 @@ def inputs_fingerprint(urls: Sequence[str], root: str | None = None) -> list[lis
     A signed URL's rotating token is redacted, so a new signature of the same object keeps the
     fingerprint; the identity (size, content tag) still tells a changed object.
     """
-    return [[redact_url(relative_to(u, root)), file_identity(u)] for u in urls]
+    return [
+        [redact_url(relative_to(u, root)), ident]
+        for u, ident in zip(urls, file_identities(urls), strict=True)
+    ]
+
+
+#: A folder holding at least this many of the wanted files is listed once instead of asking
+#: for each file (`fs.info`); the entries of a listing and of `fs.info` carry the same keys.
+LIST_MIN_FILES = 4
+#: Concurrent `fs.info` requests for files on a remote store that are not listed.
+INFO_THREADS = 32
+
+
+def file_identities(urls: Sequence[str]) -> list[dict[str, Any] | None]:
+    """`file_identity` of each of `urls`, with one listing per folder instead of a storage
+    call per file (10^5 CommonCrawl WAT files are ~100 listings), and the rest (http(s)://,
+    which cannot be listed, or lone files) asked for concurrently on remote stores. Local files
+    are stat'ed one by one (cheaper than a listing, which stats every entry anyway)."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    out: list[dict[str, Any] | None] = [None] * len(urls)
+    by_url_folder: dict[str, list[int]] = {}
+    for i, url in enumerate(urls):
+        folder, sep, _ = url.rpartition("/")
+        by_url_folder.setdefault(folder if sep else ".", []).append(i)
+    singles: list[tuple[int, Any, str]] = []
+    for folder_url, members in by_url_folder.items():
+        fs, folder = fsio.url_to_fs(folder_url)
+        folder = folder.rstrip("/")
+        items = [(i, folder + "/" + urls[i].rpartition("/")[2]) for i in members]
+        if isinstance(fs, LocalFileSystem):
+            for i, path in items:
+                try:
+                    out[i] = {"size": os.stat(path).st_size}  # what `_identity(fs.info)` gives
+                except FileNotFoundError:
+                    out[i] = None
+            continue
+        protos = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if len(items) < LIST_MIN_FILES or protos & {"http", "https"}:
+            singles += [(i, fs, fsio.url_to_fs(urls[i])[1]) for i, _ in items]
+            continue
+        try:
+            listing = {e["name"].rstrip("/"): e for e in fs.ls(folder, detail=True)}
+        except FileNotFoundError:
+            listing = {}
+        for i, path in items:
+            entry = listing.get(path)
+            if entry is not None and entry.get("type", "file") == "file":
+                out[i] = _identity(entry)
+            else:  # not in the listing as a file: ask for it (absent, a folder, a name quirk)
+                singles.append((i, fs, fsio.url_to_fs(urls[i])[1]))
+
+    def info(item: tuple[int, Any, str]) -> dict[str, Any] | None:
+        _, fs, path = item
+        return _remote_identity(fs, path)
+
+    if singles:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(INFO_THREADS, len(singles))) as pool:
+            for it, ident in zip(singles, pool.map(info, singles), strict=True):
+                out[it[0]] = ident
+    return out
 
 
 def content_inputs(inputs: list[dict]) -> list[list]:

@@ -133,6 +133,14 @@ FS_PACKAGES = {
 #: Top-level modules whose exceptions are network / storage-service failures.
 _NETWORK_MODULES = ("aiohttp", "requests", "urllib3", "botocore", "google", "azure")
 
+#: Object-store filesystems whose listing cache is turned off. Ray workers write parts and
+#: markers after the driver listed their folder; with fsspec's default `use_listings_cache`
+#: the driver would go on answering `exists` / `ls` from the old listing and miss them (a job
+#: on s3:// then fails right after its first stage: "none of the inputs exist").
+NO_LISTINGS_CACHE = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+for _proto in NO_LISTINGS_CACHE:
+    fsspec.config.conf.setdefault(_proto, {}).setdefault("use_listings_cache", False)
+
 
 def _input_fs(pattern: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """`url_to_fs(pattern)`, with a missing filesystem package named as what to install."""
@@ -145,7 +153,8 @@ def _input_fs(pattern: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise ImportError(f"input {pattern!r}: {exc}; {what}") from exc
 
 
-def _is_storage_error(exc: BaseException) -> bool:
+def is_storage_error(exc: BaseException) -> bool:
+    """An error of the storage or its client (I/O, network, credentials), not a bug."""
     if isinstance(exc, FileNotFoundError):
         return False
     if isinstance(exc, OSError):
@@ -189,7 +198,7 @@ def _expand_one(pattern: str, suffixes: tuple[str, ...] | None, allow_missing: b
     except (FileNotFoundError, InputError):
         raise
     except Exception as exc:
-        if not _is_storage_error(exc):
+        if not is_storage_error(exc):
             raise
         err = InputError(f"cannot list input {_unescape(pattern)!r}: {type(exc).__name__}: {exc}")
         err.errno = getattr(exc, "errno", None)
@@ -217,9 +226,19 @@ def expand_inputs(
     `literal=True` (the CLI's `--no-glob`) to expand nothing at all. Unreachable URLs,
     symbolic links that loop and missing filesystem packages raise `InputError` /
     `ImportError` naming the input.
+
+    `http://` / `https://` URLs are taken as they are (no braces, globs or folder listing: `?`
+    starts a query there); they are checked concurrently (HEAD, else GET headers). One that
+    does not exist (HTTP 404/410) is a `FileNotFoundError` naming it (kept with
+    `allow_missing`); a folder URL (ending in `/`) or one that cannot be reached is an
+    `InputError`.
     """
     found: list[str] = []
+    http: list[str] = []
     for raw in map(str, inputs):
+        if is_http_url(raw):
+            http.append(raw)  # taken as it is: HTTP has no globs, no folders to list
+            continue
         if literal:
             patterns = [escape_glob(raw)]
         elif "\\" not in raw and _unescaped(raw, "*?[{") and _literal_exists(raw):
@@ -228,9 +247,64 @@ def expand_inputs(
             patterns = expand_braces(raw)
         for pattern in patterns:
             found.extend(_expand_one(pattern, suffixes, allow_missing))
+    if http:
+        found.extend(_check_http(http, allow_missing))
     seen: set[str] = set()
     unique = [p for p in found if not (p in seen or seen.add(p))]
     return sorted(unique)
+
+
+def is_http_url(url: str) -> bool:
+    """True for an `http://` or `https://` URL."""
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
+#: Concurrent existence checks of HTTP inputs.
+_HTTP_CHECKS = 32
+
+
+def _check_http(urls: list[str], allow_missing: bool) -> list[str]:
+    """The HTTP inputs `urls` as they are, once each is known to exist (see `expand_inputs`)."""
+    for u in urls:
+        if u.split("?", 1)[0].endswith("/"):
+            raise InputError(
+                f"input {u!r} is a folder URL: folders cannot be listed over HTTP; name the "
+                "files, or give a paths listing (curation ingest --paths LISTING --base-url URL)"
+            )
+    fs, _ = _input_fs(urls[0])
+    from fsspec.asyn import sync
+
+    async def probe(url: str, sem: Any) -> BaseException | None:
+        async with sem:
+            try:
+                await fs._info(url)
+            except Exception as exc:  # fsspec: FileNotFoundError from the GET's error
+                return exc
+            return None
+
+    async def probe_all() -> list[BaseException | None]:
+        import asyncio
+
+        sem = asyncio.Semaphore(_HTTP_CHECKS)
+        return await asyncio.gather(*(probe(u, sem) for u in urls))
+
+    out = []
+    for url, exc in zip(urls, sync(fs.loop, probe_all), strict=True):
+        if exc is None:
+            out.append(url)
+            continue
+        cause = exc.__cause__ or exc
+        status = getattr(cause, "status", None)
+        if status in (404, 410):
+            if allow_missing:
+                out.append(url)
+                continue
+            raise FileNotFoundError(f"input {url!r} does not exist (HTTP {status})") from exc
+        what = f"HTTP {status}" if status else f"{type(cause).__name__}: {cause}"
+        err = InputError(f"cannot reach input {url!r}: {what}")
+        err.errno = getattr(cause, "errno", None)
+        raise err from exc
+    return out
 
 
 def _literal_exists(raw: str) -> bool:
@@ -238,7 +312,7 @@ def _literal_exists(raw: str) -> bool:
     try:
         return bool(fs.exists(path))
     except Exception as exc:
-        if _is_storage_error(exc):
+        if is_storage_error(exc):
             return False  # reported with the input's name when it is listed
         raise
 

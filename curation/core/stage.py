@@ -8,6 +8,12 @@ what one copy needs (CPUs, GPUs; `actor=True` asks the executor for a pool of lo
 actors, for GPU stages and stages whose setup is expensive). A `Source` is the first stage of a
 flow: it reads one input shard (`read(shard)`) instead of a table.
 
+Files: a stage names every file its `setup()` opens in `assets()` (name -> local path or URL).
+Its parameters and fingerprint keep the driver's paths; on a cluster of several machines the
+executor sends each local one to the workers through the object store and, in the worker, calls
+`use_assets({name: local copy})` before `setup()` (see `core.assets`). Files on shared storage
+(`s3://`, `gs://`, `https://`) and `bundled:` package resources are opened where they are.
+
 Stages are unit-tested by calling `setup()` and `process()` on small tables; the executor
 (`curation.executor`) maps them over shards, caches the set-up stage per worker, writes the
 part and then the completion marker, and retries transient I/O errors.
@@ -16,6 +22,7 @@ part and then the completion marker, and retries transient I/O errors.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +72,20 @@ class Stage:
 
     def setup(self) -> None:
         """Load models / automata / tables; called once per worker before the first shard."""
+
+    def assets(self) -> dict[str, str]:
+        """The files `setup()` opens, by a name of the stage's choosing: each a local path, a
+        `file://` or remote URL, or a `bundled:` resource (default: none); after `use_assets`,
+        the copies it was given. A stage whose setup opens a file not listed here only works
+        where that path exists on every node."""
+        return {}
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Open the named assets at these local paths from now on (copies of the files
+        `assets()` named, same bytes; some or all of its names). Called in a worker before
+        `setup()`; must not change what the stage computes (default: nothing to switch)."""
+        if paths:
+            raise NotImplementedError(f"{self.name} lists no assets, got {sorted(paths)}")
 
     def process(self, table: pa.Table) -> StageOutput:
         """The output for one shard's table."""

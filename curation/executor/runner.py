@@ -5,11 +5,17 @@
   worker that serves many shards loads its automaton or model once), the shard is read
   (`stage.load(shard)` when the stage has one, else the Parquet part; a `Source` reads its
   input itself), `process` runs, and the part is written, then the marker.
+- Assets: on a cluster of several nodes, the local files a stage's setup opens
+  (`Stage.assets()`) are read once by the driver and shipped through the object store
+  (`ship_assets`); each worker writes them once into its node's content-addressed cache and
+  the stage opens those copies (`Stage.use_assets`), so no worker needs the driver's disk.
 - `run_tasks(task, shards, stage_dir)`: the same scheduling for plain per-shard functions that
   write their own outputs (synthetic pools, img2dataset re-keying).
 - `run_actor_stage`: CPU producer tasks feeding a pool of actors (GPU stages, `resources.actor`).
 - `reduce_over_shards` / `sum_over_shards`: reductions (entry counts, score histograms)
   computed by a tree of tasks; only the final value reaches the driver.
+- `merge_tree`: a tree of tasks over small values naming files (sorted runs merged into one
+  file); the driver holds references, the tasks move the data.
 
 Transient storage errors (`OSError`) are retried with exponential backoff inside the task and
 then by Ray; they are never recorded as damage, and a shard is marked done only after its part
@@ -58,7 +64,9 @@ PROCESS_LOCAL_PROTOCOLS = frozenset({"memory"})
 
 
 def check_output_location(url: str) -> None:
-    """Refuse an output URL whose filesystem is not shared between processes (`memory://`).
+    """Refuse an output URL whose filesystem is not shared between processes (`memory://`), or
+    (when Ray is initialized with more than one alive node) that some node does not see
+    (`check_output_visible`).
 
     Parts are written by Ray workers, which are always processes of their own: on a
     process-local filesystem the run would finish and keep nothing.
@@ -73,6 +81,113 @@ def check_output_location(url: str) -> None:
             f"output {url}: {type(fs).__name__} keeps files in one process's memory, and "
             "parts are written by Ray worker processes, so nothing would be kept; write to a "
             "local folder (one machine) or an object store (s3://, gs://)"
+        )
+    check_output_visible(url)
+
+
+#: Seconds the visibility probe waits for every node's answer.
+VISIBILITY_TIMEOUT_S = float(os.environ.get("CURATION_VISIBILITY_TIMEOUT_S", "120"))
+_SENTINEL = ".curation-sentinel"
+
+
+def _probe_sentinel(url: str, expected: str) -> tuple[bool, str]:
+    """On one node: (True, "") when `url` is there with the text `expected`, else (False, what
+    was seen instead)."""
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, path = url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            got = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return False, "the file is not there"
+    except Exception as exc:  # no credentials, package or mount on that node: not visible
+        return False, f"{type(exc).__name__}: {exc}"[:300]
+    return (True, "") if got == expected else (False, "the file there has other content")
+
+
+def _node_label(node: dict[str, Any]) -> str:
+    return f"{node.get('NodeManagerAddress', '?')} (node {str(node.get('NodeID', '?'))[:8]})"
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_output_visible(url: str, timeout_s: float | None = None) -> None:
+    """Refuse an output folder that some alive Ray node does not see.
+
+    The driver writes `OUT/.curation-sentinel.tmp-curation-<pid>-<hex>` (a temporary name:
+    the lease removes it if the driver dies before it does) holding a random token, and a
+    zero-CPU task pinned to each alive node (`NodeAffinitySchedulingStrategy(soft=False)`)
+    reads it back. A local folder on a multi-machine cluster, or credentials or an endpoint
+    that only the driver has, fail here, before any work, instead of parts written where the
+    driver never reads them. Nothing is done when Ray is not initialized or has one alive node
+    (one cheap call). A node that leaves meanwhile is left out; one that does not answer
+    within `timeout_s` counts as not seeing the folder.
+    """
+    import sys
+
+    if "ray" not in sys.modules:  # never imported: certainly not initialized
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes = _alive_nodes()
+    if len(nodes) <= 1:
+        return
+    import contextlib
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from curation.core import fsio
+
+    fs, path = fsio.url_to_fs(url)
+    name = f"{_SENTINEL}{fsio.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sentinel = fsio.full_url(fs, f"{path.rstrip('/')}/{name}")
+    token = uuid.uuid4().hex
+    fsio.atomic_write_bytes(sentinel, token.encode())
+    timeout_s = VISIBILITY_TIMEOUT_S if timeout_s is None else timeout_s
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_sentinel)
+    blind: list[str] = []
+    try:
+        refs = {
+            probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                name="check_output_visible",
+            ).remote(sentinel, token): n
+            for n in nodes
+        }
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ok, why = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                if not any(n["NodeID"] == refs[ref]["NodeID"] for n in _alive_nodes()):
+                    continue  # the node left the cluster meanwhile: it will write nothing
+                ok, why = False, f"the check failed: {type(exc).__name__}"
+            if not ok:
+                blind.append(f"{_node_label(refs[ref])}: {why}")
+        for ref in late:
+            with contextlib.suppress(Exception):  # finished or gone meanwhile
+                ray.cancel(ref, force=True)
+            blind.append(f"{_node_label(refs[ref])}: no answer within {timeout_s:.0f} s")
+    finally:
+        # if this fails, the next lease on OUT removes it (a temporary name)
+        with contextlib.suppress(Exception):
+            fs.rm(fsio.url_to_fs(sentinel)[1])
+    if blind:
+        raise ValueError(
+            f"output {url} is not visible from every Ray node: the driver wrote {name} there "
+            f"and {len(blind)} of {len(nodes)} nodes could not read it back ("
+            + "; ".join(sorted(blind))
+            + "); parts written on those nodes would be lost to the run: write to shared "
+            "storage (NFS) or an object store (s3://, gs://) that every node reaches, with its "
+            "credentials on every node"
         )
 
 
@@ -109,15 +224,83 @@ def with_io_retries(fn: Callable[[], Any], what: str) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+#: When local asset files go to the workers through the object store: "auto" (only when the
+#: cluster has more than one alive node: one machine's workers read the driver's disk),
+#: "always" or "never" (CURATION_SHIP_ASSETS).
+SHIP_ASSETS_MODES = ("auto", "always", "never")
+
+
+def _ship_mode() -> str:
+    mode = os.environ.get("CURATION_SHIP_ASSETS", "auto").strip().lower() or "auto"
+    if mode not in SHIP_ASSETS_MODES:
+        raise ValueError(f"CURATION_SHIP_ASSETS must be one of {SHIP_ASSETS_MODES}, got {mode!r}")
+    return mode
+
+
+def ship_assets(stage: Stage) -> dict[str, tuple[Any, Any]]:
+    """The stage's local asset files, each read once here and put in the object store:
+    {name: (AssetBlob, ObjectRef of its bytes)}; empty when there is nothing to ship.
+
+    Only local paths (and `file://`) are shipped: shared URLs and `bundled:` resources are
+    opened by the workers themselves, and so is a path that is not a file on the driver (it
+    may be one on every node). By default (`CURATION_SHIP_ASSETS=auto`) nothing is shipped on
+    a one-node cluster, whose workers read the same disk as the driver; a file over
+    `core.assets.max_asset_bytes()` is refused with a ValueError. The stage keeps its driver
+    paths (its fingerprint is unchanged); workers switch to local copies in `_use_assets`.
+    """
+    from curation.core.assets import is_shared, local_path, read_asset
+
+    mode = _ship_mode()
+    if mode == "never":
+        return {}
+    local = {k: u for k, u in stage.assets().items() if u and not is_shared(u)}
+    local = {k: u for k, u in local.items() if os.path.isfile(local_path(u))}
+    if not local:
+        return {}
+    import ray
+
+    if mode == "auto" and len([n for n in ray.nodes() if n.get("Alive")]) <= 1:
+        return {}
+    by_path: dict[str, tuple[Any, Any]] = {}
+    out: dict[str, tuple[Any, Any]] = {}
+    for name, url in sorted(local.items()):
+        path = local_path(url)
+        if path not in by_path:
+            blob, data = read_asset(name, url)
+            by_path[path] = (blob, ray.put(data))
+            del data
+        blob, ref = by_path[path]
+        out[name] = (blob, ref)
+    return out
+
+
+def _use_assets(stage: Stage, shipment: dict[str, tuple[Any, Any]] | None) -> None:
+    """In a worker: the shipped assets written once into this node's cache
+    (`core.assets.materialize`) and the stage switched to those copies."""
+    if not shipment:
+        return
+    import ray
+
+    from curation.core.assets import materialize
+
+    stage.use_assets(
+        {
+            name: materialize(blob, lambda ref=ref: ray.get(ref))
+            for name, (blob, ref) in shipment.items()
+        }
+    )
+
+
 def _set_up(box: list[Any]) -> Stage:
-    """The stage in `box` (its ObjectRef, boxed so Ray does not resolve it), set up once per
-    worker process and cached by that ref."""
+    """The stage in `box` (its ObjectRef, boxed so Ray does not resolve it; then the assets
+    shipped with it, if any), set up once per worker process and cached by that ref."""
     import ray
 
     key = box[0].hex()
     stage = _WORKER_CACHE.get(key)
     if stage is None:
         stage = ray.get(box[0])
+        _use_assets(stage, box[1] if len(box) > 1 else None)
         stage.setup()
         _WORKER_CACHE[key] = stage
         while len(_WORKER_CACHE) > _CACHE_SIZE:
@@ -171,7 +354,8 @@ def run_stage(
     """
     import ray
 
-    box = [ray.put(stage)]
+    shipment = ship_assets(stage)
+    box = [ray.put(stage), *([shipment] if shipment else [])]
     return _schedule(
         stage.name,
         stage_dir,
@@ -360,6 +544,51 @@ def _map_task(fn: Callable[..., Any], shard: Any, *args: Any) -> Any:
     return with_io_retries(lambda: fn(shard, *args), str(shard))
 
 
+def _group_task(fn: Callable[..., Any], head: tuple, *group: Any) -> Any:
+    """Ray task body of `merge_tree`: `fn(list(group), *head)`, I/O errors retried."""
+    name = getattr(getattr(fn, "func", fn), "__name__", "merge")  # a partial's function
+    return with_io_retries(lambda: fn(list(group), *head), f"{name}{list(head)}")
+
+
+def merge_tree(
+    merge: Callable[[list[Any], str], Any],
+    root: Callable[[list[Any]], Any],
+    items: Sequence[Any],
+    *,
+    fan_in: int = REDUCE_FAN_IN,
+) -> Any:
+    """`root` over `items` merged `fan_in` at a time by a tree of Ray tasks; root's result.
+
+    For results that live in files (sorted runs, ...): `items` are small values the driver
+    holds (file URLs, counts). While more than `fan_in` are left, each run of up to `fan_in`
+    consecutive values goes to one `merge(group, key)` task, whose result (e.g. the URL of the
+    file it wrote) takes their place; a group of one is carried up as it is. `key`
+    (`"<level>-<index>"`) is unique in the tree and the same when a task is retried, so a
+    node can name its output after it. Then one `root(group)` task gets the last values (in
+    item order; an empty list for no items) and its result is returned. Tasks are chained by
+    object references: the driver submits the whole tree and waits only for the root, holding
+    O(items) references, never the data. I/O errors are retried in the task, then by Ray.
+    """
+    import ray
+
+    if fan_in < 2:
+        raise ValueError(f"fan_in must be >= 2, got {fan_in}")
+    task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[TransientIOError])(
+        _group_task
+    )
+    merge_ref, root_ref = ray.put(merge), ray.put(root)
+    level, values = 0, list(items)
+    while len(values) > fan_in:
+        level += 1
+        values = [
+            task.remote(merge_ref, (f"{level}-{i // fan_in}",), *values[i : i + fan_in])
+            if len(values[i : i + fan_in]) > 1
+            else values[i]
+            for i in range(0, len(values), fan_in)
+        ]
+    return ray.get(task.remote(root_ref, (), *values))
+
+
 def _start_actors(actors: list[Any], options: dict[str, Any], timeout: float) -> None:
     """Wait until every actor is placed and set up; raise a ValueError saying why not."""
     import ray
@@ -378,19 +607,31 @@ def _start_actors(actors: list[Any], options: dict[str, Any], timeout: float) ->
 
 
 class _StageActor:
-    """Ray actor body around a stage: `setup` reports a failure as its message, not a crash."""
+    """Ray actor body around a stage: `setup` reports a failure as its message, not a crash.
 
-    def __init__(self, stage: Stage) -> None:
+    `shipment` (see `ship_assets`) is materialized and handed to the stage before its setup,
+    also in an actor restarted by Ray (whose first call may be `process`)."""
+
+    def __init__(self, stage: Stage, shipment: dict[str, tuple[Any, Any]] | None = None) -> None:
         self.stage = stage
+        self.shipment = shipment
+        self._assets_ready = False
+
+    def _ready(self) -> None:
+        if not self._assets_ready:
+            _use_assets(self.stage, self.shipment)
+            self._assets_ready = True
 
     def setup(self) -> str | None:
         try:
+            self._ready()
             self.stage.setup()
         except Exception as exc:  # noqa: BLE001 - any load failure is reported to the driver
             return f"{self.stage.name}: {type(exc).__name__}: {exc}"
         return None
 
     def process(self, chunk: Any) -> Any:
+        self._ready()
         return self.stage.process(chunk)
 
 
@@ -466,8 +707,9 @@ def run_actor_stage(
     options: dict[str, Any] = {"num_cpus": res.cpus}
     if res.gpus:
         options["num_gpus"] = res.gpus
+    shipment = ship_assets(stage)
     actor = ray.remote(max_restarts=1, max_task_retries=3)(_StageActor)
-    actors = [actor.options(**options).remote(stage) for _ in range(num_actors)]
+    actors = [actor.options(**options).remote(stage, shipment) for _ in range(num_actors)]
     try:
         _start_actors(actors, options, start_timeout)
     except BaseException:

@@ -43,6 +43,7 @@ from curation.io.parts import (
     shard_names,
     write_marker,
 )
+from curation.io.paths_listing import PathsListing
 from curation.io.report import write_report
 from curation.stages.balance import Balancer, count_entries, entry_probabilities, p_to_t, t_to_p
 from curation.stages.ingest import INPUT_SUFFIXES, Ingestor, detect_format
@@ -76,20 +77,40 @@ def ingest(
     overwrite: bool = False,
     progress: bool = True,
     stage_dir: str | None = None,
+    listing: PathsListing | None = None,
 ) -> dict:
-    """Ingest input shards into `stage_dir or out` (one part per shard). Returns the summary."""
+    """Ingest input shards into `stage_dir or out` (one part per shard). Returns the summary.
+
+    `listing` (`io.paths_listing.read_paths_listing`, e.g. a CommonCrawl `wat.paths.gz`) names
+    the inputs instead of `inputs`: its URLs are read as they are (no globs), a missing one is
+    quarantined like a missing file. Either way each input's identity goes into the stage's
+    fingerprint; the listing's provenance goes into the summary (`paths_listing`).
+    """
     stage = Ingestor(max_text_chars=max_text_chars)  # validates parameters before any work
-    urls = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES, allow_missing=True)
-    if not any(fsio.exists(u) for u in urls):
+    if listing is not None:
+        if inputs:
+            raise ValueError("give input paths or a paths listing, not both")
+        urls = sorted(dict.fromkeys(listing.urls))
+    else:
+        urls = fsio.expand_inputs(inputs, suffixes=INPUT_SUFFIXES, allow_missing=True)
+    # one listing per folder on object stores, concurrent requests where none can be listed
+    # (http(s)://): a CommonCrawl listing names ~10^5 URLs
+    fp_inputs = inputs_fingerprint(urls, out)
+    if not any(identity is not None for _, identity in fp_inputs):
         raise FileNotFoundError(f"none of the inputs exist: {', '.join(urls[:5])}")
     for u in urls:
         detect_format(u)  # an unknown format fails before any work starts
     params = {"max_text_chars": max_text_chars}
-    fp = {"stage": "ingest", "params": params, "inputs": inputs_fingerprint(urls, out)}
+    fp = {"stage": "ingest", "params": params, "inputs": fp_inputs}
     markers = run_stage(
-        stage, shard_names(urls), stage_dir or out, fp=fp, overwrite=overwrite, progress=progress
-    )
+        stage, shard_names(urls), stage_dir or out, fp=fp, overwrite=overwrite, progress=progress,
+        # HTTP has no folder listing to read modification times from: a changed object is
+        # told by its identity (size, ETag) in the fingerprint instead
+        check_inputs=not any(fsio.is_http_url(u) for u in urls),
+    )  # fmt: skip
     summary = summarize("ingest", markers)
+    if listing is not None:
+        summary["paths_listing"] = listing.describe()
     summary["inputs"] = [
         {"url": m["input"], "bytes": m.get("input_bytes"), "sha256": m.get("input_sha256")}
         for m in markers.values()
@@ -424,9 +445,19 @@ def count_and_balance(
 # -- standalone commands: each writes its stage's manifest (and quarantine) ---------------------
 @leased("out")
 def ingest_command(inputs: Sequence[str], out: str, **kwargs: Any) -> dict:
-    """`curation ingest`: the stage, then `OUT/quarantine.jsonl` and `OUT/manifest.json`."""
+    """`curation ingest`: the stage, then `OUT/quarantine.jsonl` and `OUT/manifest.json`.
+
+    `listing=` (a `PathsListing`) names the inputs instead of `inputs` (see `ingest`)."""
     check_output_location(out)
-    check_output_not_in_inputs(out, inputs)
+    # an HTTP input is never a folder that OUT could be in (and probing it costs a GET)
+    check_output_not_in_inputs(out, [i for i in inputs if not fsio.is_http_url(str(i))])
+    listing = kwargs.get("listing")
+    for u in listing.urls if listing is not None else ():
+        if not fsio.is_http_url(u) and fsio.is_within(u, out):
+            raise ValueError(
+                f"input {u} (from paths listing {listing.source}) is inside output folder "
+                f"{out}; writing there could replace or remove it: write elsewhere"
+            )
     summary = ingest(inputs, out, **kwargs)
     quarantined = write_quarantine(out, [summary.pop("_markers")])
     write_stage_manifest(out, "ingest", summary, quarantined=quarantined)

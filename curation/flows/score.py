@@ -24,13 +24,21 @@ import copy
 import dataclasses
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from curation.core import fsio
 from curation.core.accounting import summarize, write_quarantine, write_stage_manifest
 from curation.core.fingerprint import inputs_fingerprint
 from curation.core.stage import Resources, Shard
-from curation.executor.runner import check_output_location, cluster_resources, run_actor_stage
+from curation.executor.runner import (
+    check_output_location,
+    cluster_resources,
+    map_shards,
+    merge_tree,
+    run_actor_stage,
+)
+from curation.io import uidsort
 from curation.io.images import ImageLimits, PixelTransform, check_image_shards, list_image_shards
 from curation.io.parts import (
     check_output_not_in_inputs,
@@ -58,12 +66,50 @@ def finish_shard(shard: Shard, stage_dir: str, results: list[dict[str, Any]]) ->
     )
 
 
-def duplicate_uids(parts: Sequence[str]) -> int:
+#: Scratch folder (under OUT) of the key runs `duplicate_uids` merges; removed at the end.
+DUP_SCRATCH = "_dup_uids_tmp"
+
+
+def _part_keys(item: tuple[int, str], scratch: str) -> uidsort.Run:
+    i, part = item
+    return uidsort.write_part_keys(part, uidsort.part_run_url(scratch, i))
+
+
+def duplicate_uids(
+    parts: Sequence[str],
+    scratch: str | None = None,
+    *,
+    block_rows: int = uidsort.BLOCK_ROWS,
+    fan_in: int = 16,
+) -> int:
     """How many distinct uids occur in more than one of the Parquet files `parts`.
 
-    Reads only the `uid` columns, whole columns at a time. Rows are never dropped for it: the
-    count goes to the manifest so that a pool assembled from overlapping shards is noticed.
+    Reads only the `uid` columns. Rows are never dropped for it: the count goes to the
+    manifest so that a pool assembled from overlapping shards is noticed.
+
+    With `scratch` (a folder of the run's own, removed afterwards) it runs on Ray in bounded
+    memory: a task per part writes its distinct uids as a sorted run of 128-bit keys
+    (`uidsort.uid_keys`), a tree of tasks merges the runs `fan_in` at a time, and the root
+    task counts the keys that occur more than once (`uidsort.count_repeated`); the driver
+    holds run URLs. Without it, in this process (small inputs): the uid columns are read here.
     """
+    if scratch is not None:
+        fs, path = fsio.url_to_fs(scratch)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        try:
+            runs = map_shards(_part_keys, list(enumerate(parts)), scratch)
+            return int(
+                merge_tree(
+                    partial(uidsort.merge_node, scratch=scratch, block_rows=block_rows),
+                    partial(uidsort.count_repeated, block_rows=block_rows),
+                    [r for r in runs if r[0] is not None],
+                    fan_in=fan_in,
+                )
+            )
+        finally:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -181,7 +227,9 @@ def score_shards(
         progress=progress,
     )
     summary = summarize("score", markers)
-    n_dup = duplicate_uids([part_url(out, name) for name in sorted(markers)])
+    n_dup = duplicate_uids(
+        [part_url(out, name) for name in sorted(markers)], fsio.join(out, DUP_SCRATCH)
+    )
     summary["duplicate_uids"] = n_dup
     if n_dup:
         warnings.warn(

@@ -49,7 +49,9 @@ __all__ = [
     "read_embeddings",
     "read_shard",
     "save_uids",
+    "uid_check",
     "uid_file_problem",
+    "uid_problem_message",
     "uids_to_pairs",
     "write_shard",
 ]
@@ -121,13 +123,31 @@ def uid_file_problem(uids: pa.Array | pa.ChunkedArray, where: str = "uids") -> s
     each sample it reads; only a 32-hex uid has a pair that means the same on both sides, so
     other uids (our pools use 24 hex digits of sha224) are not padded or hashed into one.
     """
+    return uid_problem_message(*uid_check(uids), where=where)
+
+
+def uid_check(uids: pa.Array | pa.ChunkedArray | Sequence[str]) -> tuple[int, int, str | None]:
+    """`(rows, bad, first)` of a batch of uids: how many, how many are not 32 hex digits (nulls
+    included), and the first of those (None when there is none, or when it is a null).
+
+    Checks of consecutive batches (e.g. the parts of a stage, in shard order) add up: sum
+    `rows` and `bad`, take `first` of the first batch with `bad > 0`; `uid_problem_message`
+    of that gives what `uid_file_problem` says of all the uids at once.
+    """
     ok = is_datacomp_uid(uids)
     if ok.all():
-        return None
+        return len(ok), 0, None
     bad = int(np.flatnonzero(~ok)[0])
     first = uids[bad].as_py() if hasattr(uids[bad], "as_py") else uids[bad]
+    return len(ok), int((~ok).sum()), first
+
+
+def uid_problem_message(rows: int, bad: int, first: str | None, where: str = "uids") -> str | None:
+    """`uid_file_problem`'s message from a (summed) `uid_check`, or None when `bad` is 0."""
+    if not bad:
+        return None
     return (
-        f"{int((~ok).sum()):,} of {len(ok):,} uids in {where} are not 32 hex digits (the first: "
+        f"{bad:,} of {rows:,} uids in {where} are not 32 hex digits (the first: "
         f"{first!r}); DataComp's uid file (u8,u8 pairs of 32-hex uids) cannot hold them, so it "
         "was not written; the kept rows and their uids, as given, are in the Parquet parts"
     )

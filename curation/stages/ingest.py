@@ -9,6 +9,14 @@ Only damaged data is set aside (bad gzip or WARC framing, a truncated file, brok
 of the storage itself (an `OSError` from S3/GCS mid-stream) propagates, so that the executor
 retries the shard instead of marking a partial shard done. A missing file is quarantined.
 
+`http://` / `https://` inputs are streamed in one GET (`Accept-Encoding: identity`, no overall
+time limit, a read timeout per chunk). A network failure while reading (a transfer cut before
+Content-Length bytes, a dropped connection, an HTTP 5xx), which aiohttp raises as a
+`ClientError` that is not an `OSError`, is raised as `RemoteReadError` (an `OSError`, with the
+original message and the original as its cause): the shard is retried, never quarantined. A
+file that is truncated on the server itself (whole transfer, gzip cut short) is still
+`truncated_shard`.
+
 WAT extraction follows MetaCLIP's WAT parser: for each response metadata record, links of
 `Envelope/Payload-Metadata/HTTP-Response-Metadata/HTML-Metadata/Links` whose `path` starts with
 `IMG@/src` and that have a non-empty `url`; each non-empty `alt`, `title`, `data-image-title`
@@ -74,12 +82,110 @@ _READ_CHUNK = 1 << 20
 DEFAULT_MAX_TEXT_CHARS = 1000
 
 
+class RemoteReadError(OSError):
+    """A network failure while reading an input (a transfer cut mid-body, a dropped
+    connection, an HTTP error status), raised for a client error that is not an `OSError`
+    (aiohttp's `ClientPayloadError`, `ServerDisconnectedError`, ...) so that the executor
+    retries the shard. Keeps the original's message; the original is its `__cause__`."""
+
+
+#: Top-level modules whose exceptions are network / storage-service failures.
+_NETWORK_MODULES = ("aiohttp", "requests", "urllib3", "botocore", "google", "azure")
+#: Per-request timeouts of an HTTP input stream (no overall limit: WAT files are large).
+_HTTP_CONNECT_TIMEOUT_S = 60.0
+_HTTP_READ_TIMEOUT_S = 120.0
+
+
+def _storage_error(exc: BaseException) -> OSError | None:
+    """`exc` as an `OSError` when it is a storage / network failure that is not one already
+    (None otherwise: an `OSError` as it is, or an error that is not the storage's)."""
+    if isinstance(exc, OSError):
+        return None
+    import asyncio
+
+    is_timeout = isinstance(exc, asyncio.TimeoutError)  # not an OSError before Python 3.11
+    if is_timeout or any(c.__module__.split(".")[0] in _NETWORK_MODULES for c in type(exc).__mro__):
+        err = RemoteReadError(f"{type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+    return None
+
+
+def _is_http(fs: Any) -> bool:
+    from fsspec.implementations.http import HTTPFileSystem
+
+    return isinstance(fs, HTTPFileSystem)
+
+
+def _open_input(url: str, start: int = 0) -> Any:
+    """`url` opened for reading from byte `start` (a binary file object). An HTTP URL is one
+    streamed GET (a Range request from `start`); a missing file raises `FileNotFoundError`, a
+    network failure `RemoteReadError`."""
+    fs, path = url_to_fs(url)
+    if not _is_http(fs):
+        f = fs.open(path, "rb")
+        if start:
+            f.seek(start)
+        return f
+    import aiohttp
+    from fsspec.asyn import sync
+    from fsspec.implementations.http import HTTPStreamFile
+
+    kw = dict(fs.kwargs)
+    headers = {**kw.pop("headers", {}), "Accept-Encoding": "identity"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    kw.setdefault(
+        "timeout",
+        aiohttp.ClientTimeout(
+            total=None, sock_connect=_HTTP_CONNECT_TIMEOUT_S, sock_read=_HTTP_READ_TIMEOUT_S
+        ),
+    )
+    try:
+        session = sync(fs.loop, fs.set_session)
+        f = HTTPStreamFile(
+            fs, path, mode="rb", loop=fs.loop, session=session, headers=headers, **kw
+        )
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        mapped = _storage_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+    status = f.r.status
+    if start and status == 416:  # nothing from `start` on
+        f.close()
+        return io.BytesIO(b"")
+    if start and status != 206:  # the server sent the whole file: skip to `start`
+        left = start
+        while left > 0:
+            chunk = _read_mapped(f, min(left, _READ_CHUNK))
+            if not chunk:
+                break
+            left -= len(chunk)
+    return f
+
+
+def _read_mapped(f: Any, size: int = -1) -> bytes:
+    """`f.read(size)`, a network failure raised as `RemoteReadError`."""
+    try:
+        return f.read(size)
+    except Exception as exc:
+        mapped = _storage_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
 class _HashingReader(io.RawIOBase):
     """Wraps a binary stream; hashes and counts the bytes read (input checksum for the manifest).
 
     An exception raised by the stream itself (a storage error) is kept in `error` and raised
     again on every later read: FastWARC raises `OSError` for damaged data too, so the caller
-    tells a storage error from damage by `error`, not by the exception's type.
+    tells a storage error from damage by `error`, not by the exception's type. A network
+    failure that is not an `OSError` (aiohttp's) is kept and raised as `RemoteReadError`.
+    `head` holds the first two bytes of the stream (the gzip magic, for `_gzip_tail_state`).
     """
 
     def __init__(self, raw: Any) -> None:
@@ -87,6 +193,7 @@ class _HashingReader(io.RawIOBase):
         self.sha = hashlib.sha256()
         self.nbytes = 0
         self.error: BaseException | None = None
+        self.head = b""
 
     def readable(self) -> bool:
         return True
@@ -109,8 +216,14 @@ class _HashingReader(io.RawIOBase):
         try:
             data = self._raw.read(size)
         except BaseException as exc:
-            self.error = exc
-            raise
+            mapped = _storage_error(exc)
+            if mapped is None:
+                self.error = exc
+                raise
+            self.error = mapped
+            raise mapped from exc
+        if len(self.head) < 2:
+            self.head = (self.head + data[: 2 - len(self.head)])[:2]
         self.sha.update(data)
         self.nbytes += len(data)
         return data
@@ -121,8 +234,15 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
+def _name_part(url: str) -> str:
+    """`url` without the query and fragment of an HTTP URL (`?X-Amz-Signature=...`)."""
+    if url[:8].lower().startswith(("http://", "https://")):
+        return url.split("#", 1)[0].split("?", 1)[0]
+    return url
+
+
 def detect_format(url: str) -> str:
-    lower = url.lower()
+    lower = _name_part(url).lower()
     if lower.endswith(WAT_SUFFIXES):
         return "wat"
     if lower.endswith(".parquet"):
@@ -167,12 +287,11 @@ class Ingestor(Source):
         """
         url, shard_name = shard.input, shard.name
         fmt = detect_format(url)
-        fs, path = url_to_fs(url)
         result = StageOutput(
             table=PAIR_SCHEMA.empty_table(), extra={"input_bytes": 0, "input_sha256": ""}
         )
         try:
-            f = fs.open(path, "rb")
+            f = _open_input(url)
         except FileNotFoundError as exc:
             result.counts["shards_missing"] += 1
             result.quarantine.append(self._q(shard_name, url, "missing_file", str(exc)))
@@ -336,12 +455,12 @@ class Ingestor(Source):
             # reader having seen it, and propagates as the stream raised it.
             stopped = True
             self._damaged(
-                reader, exc, lambda: _gzip_tail_state(url, last_pos) == "truncated",
+                reader, exc, lambda: _gzip_tail_state(url, last_pos, reader.head) == "truncated",
                 shard, url, result, record_no + 1,
             )  # fmt: skip
         if reader.error is not None:  # the stream failed and FastWARC stopped quietly
             raise reader.error
-        tail = "complete" if stopped else _gzip_tail_state(url, last_pos)
+        tail = "complete" if stopped else _gzip_tail_state(url, last_pos, reader.head)
         if tail != "complete":
             reason = "truncated_shard" if tail == "truncated" else "corrupt_shard"
             counts["shards_truncated" if tail == "truncated" else "shards_corrupt"] += 1
@@ -515,7 +634,9 @@ class Ingestor(Source):
         counts = result.counts
         pair_counts: Counter = Counter()  # kept only when the file has url and text fields
         src: Any = (
-            gzip.GzipFile(fileobj=reader, mode="rb") if url.lower().endswith(".gz") else reader
+            gzip.GzipFile(fileobj=reader, mode="rb")
+            if _name_part(url).lower().endswith(".gz")
+            else reader
         )
         cols: dict[str, list] = {c: [] for c in TABLE_COLUMNS}
         lines: list[int] = []
@@ -722,18 +843,24 @@ class Ingestor(Source):
         return table, n
 
 
-def _gzip_tail_state(url: str, start: int) -> str:
+def _gzip_tail_state(url: str, start: int, magic: bytes | None = None) -> str:
     """ "complete", "truncated" or "corrupt": are the bytes of `url` from `start` whole gzip members?
 
     FastWARC stops quietly when a gzipped WAT is cut near a record boundary; this re-reads only
     the last record's member(s) so such a truncation is reported, not silently accepted.
+    `magic`: the file's first two bytes when already read (else they are read here). Over HTTP
+    the tail is one Range request; a network failure raises `RemoteReadError`.
     """
-    fs, path = url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            return "complete"
-        f.seek(start)
-        rest = f.read()
+    if magic is None:
+        with _open_input(url) as f:
+            magic = _read_mapped(f, 2)
+    if magic != b"\x1f\x8b":
+        return "complete"
+    with _open_input(url, start) as f:
+        parts = []
+        while chunk := _read_mapped(f, _READ_CHUNK):
+            parts.append(chunk)
+    rest = b"".join(parts)
     while rest:
         d, buf = zlib.decompressobj(31), rest
         try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -761,7 +761,9 @@ class MatchStage(Stage):
     Ships the metadata's path and checksum, not its entries: each worker loads the metadata
     and builds the matcher once in `setup()`, and refuses metadata that changed since the job
     was planned. With `row_index`, a pool shard read as it is gets its row index in that
-    column (so tables derived from it find the pool's `.npz` embeddings).
+    column (so tables derived from it find the pool's `.npz` embeddings). Its one asset is the
+    metadata (`metadata`); `use_assets` makes setup read a local copy, `metadata` (the job's
+    path, in messages and fingerprints) stays as given.
     """
 
     name = "match"
@@ -781,16 +783,28 @@ class MatchStage(Stage):
         self.engine = engine
         self.script_aware = script_aware
         self.row_index = row_index
+        self._metadata_file = metadata  # what setup() opens: `metadata` or a local copy
         self._matcher: Matcher | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_matcher": None}
 
+    def assets(self) -> dict[str, str]:
+        """The metadata file (a path, URL or `bundled:` name; its local copy after
+        `use_assets`)."""
+        return {"metadata": self._metadata_file}
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Read the metadata from `paths["metadata"]` (a copy of the same bytes)."""
+        if "metadata" in paths:
+            self._metadata_file = paths["metadata"]
+            self._matcher = None
+
     def setup(self) -> None:
         """Load the metadata (checking its checksum) and build the matcher."""
         if self._matcher is not None:
             return
-        md = load_metadata(self.metadata)
+        md = load_metadata(self._metadata_file)
         if md.checksum != self.checksum:
             raise RuntimeError(
                 f"metadata {self.metadata} changed while the job ran "

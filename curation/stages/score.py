@@ -26,7 +26,7 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,20 @@ class ClipScorer:
         self._model: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------
+    def assets(self) -> dict[str, str]:
+        """The file `setup()` opens: the weights (`--checkpoint`, or the cached file of a
+        `--pretrained` tag found on the driver); none for random weights. Model configs are
+        open_clip's or the package's own (`curation/model_configs`), found in each worker's
+        installed copy."""
+        return {"weights": self.weights_path} if self.weights_path else {}
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Load the weights from `paths["weights"]` (a local copy of the same bytes)."""
+        if "weights" in paths:
+            if self._model is not None:
+                raise RuntimeError(f"{self.model_name}: weights switched after setup()")
+            self.weights_path = paths["weights"]
+
     def setup(self) -> None:
         """Load the model (once per worker); resolves the device and precision."""
         if self._model is not None:
@@ -479,6 +493,14 @@ class ScoreStage(Stage):
     def __init__(self, scorer: ClipScorer, resources: Resources | None = None) -> None:
         self.scorer = scorer
         self.resources = resources or Resources(cpus=1, actor=True)
+
+    def assets(self) -> dict[str, str]:
+        """The scorer's weights file (see `ClipScorer.assets`)."""
+        return self.scorer.assets()
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Load the weights from a local copy (see `ClipScorer.use_assets`)."""
+        self.scorer.use_assets(paths)
 
     def setup(self) -> None:
         """Load the model (once per actor)."""

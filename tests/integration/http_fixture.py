@@ -129,3 +129,129 @@ class ImageServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+
+@dataclass
+class FileServer:
+    """Serves the files under `root` on http://127.0.0.1:<port> like a static file host.
+
+    GET and HEAD, with `Content-Length`, `ETag` and `Accept-Ranges: bytes`; a `Range:
+    bytes=START-[END]` request gets a 206 (or 416 past the end). The first GET of each path in
+    `cut_first` (URL paths, `/crawl-data/...`) sends the full `Content-Length` header, then
+    half of the body, and closes the connection: a transfer cut mid-body. Later GETs are whole.
+    The first GET of a path in `fail_first` gets that error status instead (503: overloaded).
+    `gets` counts the GETs per path; `cuts` the transfers cut or failed.
+    """
+
+    root: str
+    cut_first: set[str] = field(default_factory=set)
+    fail_first: dict[str, int] = field(default_factory=dict)
+    gets: dict[str, int] = field(default_factory=dict)
+    cuts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import hashlib
+        import os
+        import socket
+        from urllib.parse import unquote, urlsplit
+
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _file(self) -> tuple[str, bytes | None]:
+                path = unquote(urlsplit(self.path).path)
+                local = os.path.realpath(os.path.join(server.root, path.lstrip("/")))
+                inside = local.startswith(os.path.realpath(server.root) + os.sep)
+                if not inside or not os.path.isfile(local):
+                    return path, None
+                with open(local, "rb") as f:
+                    return path, f.read()
+
+            def _head(self, status: int, length: int, body: bytes, extra: dict) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(length))
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", '"' + hashlib.md5(body).hexdigest() + '"')
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.end_headers()
+
+            def _not_found(self) -> None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+                _, body = self._file()
+                if body is None:
+                    return self._not_found()
+                self._head(200, len(body), body, {})
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path, body = self._file()
+                if body is None:
+                    return self._not_found()
+                with server._lock:
+                    server.gets[path] = server.gets.get(path, 0) + 1
+                    first = path not in server.cuts
+                    cut = path in server.cut_first and first
+                    fail = server.fail_first.get(path) if first else None
+                    if cut or fail:
+                        server.cuts[path] = 1
+                if fail:
+                    self.send_response(fail)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                rng = self.headers.get("Range")
+                try:
+                    if rng and rng.startswith("bytes=") and not cut:
+                        lo_s, _, hi_s = rng[6:].partition("-")
+                        lo = int(lo_s)
+                        hi = min(int(hi_s), len(body) - 1) if hi_s else len(body) - 1
+                        if lo >= len(body):
+                            self.send_response(416)
+                            self.send_header("Content-Range", f"bytes */{len(body)}")
+                            self.send_header("Content-Length", "0")
+                            self.end_headers()
+                            return
+                        part = body[lo : hi + 1]
+                        extra = {"Content-Range": f"bytes {lo}-{hi}/{len(body)}"}
+                        self._head(206, len(part), body, extra)
+                        self.wfile.write(part)
+                        return
+                    self._head(200, len(body), body, {})
+                    if cut:
+                        self.wfile.write(body[: len(body) // 2])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FileServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)

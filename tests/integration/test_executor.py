@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -109,3 +110,21 @@ def test_a_missing_file_is_not_retried(tmp_path):
         )
     assert isinstance(info.value.as_instanceof_cause(), FileNotFoundError)
     assert not (tmp_path / "out" / "_done" / "s0.json").exists()
+
+
+def _square_plus(x: int) -> np.ndarray:
+    return np.array([x, x * x, 1], dtype=np.int64)
+
+
+def test_reduce_over_shards_is_a_tree_of_tasks_with_the_exact_total():
+    """Every shape of tree (one item per leaf, fan-in 2, the default plan) gives the same exact
+    total; only the final value reaches the driver."""
+    from curation.executor.runner import reduce_over_shards, sum_over_shards
+
+    items = list(range(37))
+    want = np.array([sum(items), sum(x * x for x in items), len(items)])
+    for batch, fan_in in ((1, 2), (3, 4), (None, 16)):
+        got = reduce_over_shards(_square_plus, items, batch=batch, fan_in=fan_in)
+        assert np.array_equal(got, want), (batch, fan_in)
+    assert reduce_over_shards(_square_plus, []) is None
+    assert sum_over_shards(_square_plus, [], 3).tolist() == [0, 0, 0]

@@ -377,3 +377,27 @@ def test_a_stage_that_does_not_see_every_part_fails_loudly(small_metadata, tmp_p
     monkeypatch.setattr(metaclip, "parts_of", driver_sees_some)
     with pytest.raises(RuntimeError, match=r"match read \d+ shard.*not read: \['synth-00000'\]"):
         run(small_metadata, tmp_path / "out", t=T, seed=SEED)
+
+
+def test_resumed_job_reads_its_persisted_counts_instead_of_counting_again(
+    base, small_metadata, monkeypatch
+):
+    """Counting is a pass over the whole pool: a finished job run again reads the counts it
+    persisted (keyed by the counted parts' identity), and a changed key counts again."""
+    from curation.flows import metaclip
+
+    out, m = base
+
+    def no_count(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the pool was counted again")
+
+    monkeypatch.setattr(metaclip, "count", no_count)
+    assert run(small_metadata, out, t=T, seed=SEED) == m
+    key = out / "counts" / "entry_counts.parquet.counted-from"
+    saved = key.read_bytes()
+    key.write_text('"sha256:other"')
+    try:
+        with pytest.raises(AssertionError, match="counted again"):
+            run(small_metadata, out, t=T, seed=SEED)
+    finally:
+        key.write_bytes(saved)

@@ -83,3 +83,42 @@ def test_done_markers_come_from_one_listing(tmp_path, monkeypatch):
     done = {name for name in parts.done_markers(stage)}
     assert done == {s.name for s in shards}
     assert not [c for c in calls if "_done" in c]  # no per-shard exists() calls
+
+
+def test_input_identities_come_from_one_listing_per_folder(monkeypatch):
+    """Planning 10^5 shards on an object store must not ask once per file: a folder of inputs
+    is listed once, and the identities equal what `fs.info` gives file by file (absent ones are
+    None). (memory:// stands in for a remote store; local files are stat'ed, which is cheaper.)"""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = fsspec.filesystem("memory")
+    urls = []
+    for i in range(12):
+        fs.pipe(f"/plan/in-{i:02d}.bin", b"x" * i)
+        urls.append(f"memory:///plan/in-{i:02d}.bin")
+    urls.append("memory:///plan/absent.bin")
+    one_by_one = [fpmod.file_identity(u) for u in urls]
+    infos, lists = [], []
+    real_info, real_ls = MemoryFileSystem.info, MemoryFileSystem.ls
+
+    def counting_info(self, path, **kw):  # noqa: ANN001, ANN003, ANN202
+        infos.append(path)
+        return real_info(self, path, **kw)
+
+    def counting_ls(self, path, detail=True, **kw):  # noqa: ANN001, ANN003, ANN202
+        lists.append(path)
+        return real_ls(self, path, detail=detail, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "info", counting_info)
+    monkeypatch.setattr(MemoryFileSystem, "ls", counting_ls)
+    try:
+        assert fpmod.file_identities(urls) == one_by_one
+        assert one_by_one[-1] is None and one_by_one[3] == {"size": 3}
+        assert len(lists) == 1  # one listing of the folder
+        assert [p for p in infos if "in-" in p] == []  # no input asked for by itself
+        assert fpmod.inputs_fingerprint(urls) == [
+            [u, i] for u, i in zip(urls, one_by_one, strict=True)
+        ]
+    finally:
+        fs.rm("/plan", recursive=True)

@@ -351,3 +351,28 @@ def test_a_lease_of_a_killed_but_unreaped_driver_is_taken_over(tmp_path):
             assert json.loads((out / parts.LEASE_FILE).read_text())["pid"] == os.getpid()
     finally:
         proc.wait()
+
+
+def test_resume_lists_done_markers_once_and_drops_leftover_marker_temps(tmp_path, monkeypatch):
+    """Resuming 10^5 shards on an object store: `_done/` is listed once (not once to clean
+    temporaries and again to find markers), and a crashed writer's temporary marker is removed
+    in that listing, never taken for a done shard."""
+    from curation.core.stage import Shard
+
+    out = tmp_path / "out"
+    parts.prepare_stage_dir(str(out), FP, overwrite=False)
+    parts.write_marker(str(out), "a", {"shard": "a"})
+    (out / "_done" / "b.json.tmp-curation-3-0123abcd").write_bytes(b"{")
+    listed = []
+    real_ls = parts._ls
+
+    def counting_ls(fs, folder):  # noqa: ANN001, ANN202
+        listed.append(folder.rstrip("/").rsplit("/", 1)[-1])
+        return real_ls(fs, folder)
+
+    monkeypatch.setattr(parts, "_ls", counting_ls)
+    shards = [Shard("a", str(tmp_path / "a")), Shard("b", str(tmp_path / "b"))]
+    done, todo = parts.done_and_todo(str(out), shards, FP, overwrite=False, check_inputs=False)
+    assert list(done) == ["a"] and todo == [shards[1]]
+    assert listed.count("_done") == 1
+    assert sorted(p.name for p in (out / "_done").iterdir()) == ["a.json"]

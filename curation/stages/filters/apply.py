@@ -78,6 +78,14 @@ class FilterStage(Stage):
         self.pool_urls = dict(pool_urls or {})
         self.row_index = row_index
 
+    def assets(self) -> dict[str, str]:
+        """The files the filter's setup opens (LID model, target embeddings, tables)."""
+        return self.filt.assets()
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Open the filter's files at local copies."""
+        self.filt.use_assets(paths)
+
     def setup(self) -> None:
         """Load the filter's models (fastText, centroids) once."""
         self.filt.setup()

@@ -15,7 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.select import check_request, threshold_of_parts
+
 Scores = Mapping[str, np.ndarray]
+#: (score key, fraction, mode): a global threshold a filter needs (see `Filter.quantile_requests`).
+QuantileRequest = tuple[str, float, str]
 LanguageFn = Callable[[pa.Array | pa.ChunkedArray], np.ndarray]
 
 # Python's str.split() whitespace (every c with chr(c).isspace()), as an RE2 class body.
@@ -95,13 +99,13 @@ def global_threshold(
     is kept (fewer than n rows: a NaN cannot be ranked), never NaN.
 
     `scores` is one array or an iterable of per-shard arrays (e.g. each shard's `clip_score`);
-    only a partition is done, not a full sort. A NaN threshold must not go into JSON (NaN !=
-    NaN: a fingerprint holding it never matches); `fitted()` writes it with `json_number`.
+    the threshold is selected by `core.select.threshold_of_parts` (no concatenation, no full
+    sort), the radix selection `flows.filter` runs over Ray for a pool too large for one
+    process, so both give the same bits; -0.0 comes back as 0.0. A NaN threshold must not go
+    into JSON (NaN != NaN: a fingerprint holding it never matches); `fitted()` writes it with
+    `json_number`.
     """
-    if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    if mode not in ("datacomp", "exact"):
-        raise ValueError(f"mode must be 'datacomp' or 'exact', got {mode!r}")
+    check_request(fraction, mode)
     if isinstance(scores, np.ndarray):
         parts = [scores]
     else:
@@ -109,21 +113,9 @@ def global_threshold(
             np.asarray(s.to_numpy(zero_copy_only=False) if hasattr(s, "to_numpy") else s)
             for s in scores
         ]
-    values = np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in parts] or [[]])
-    total = len(values)
-    n = int(total * fraction)  # the same float expression as DataComp
-    k = n if mode == "datacomp" else n - 1  # index into the descending order
-    if k < 0:
-        return math.inf
-    if k >= total:
-        return -math.inf
-    finite = values[~np.isnan(values)]  # -inf and +inf stay: they are ranked
-    if k >= len(finite):
-        if mode == "exact":
-            return -math.inf  # n covers every rankable score: keep them all
-        return math.nan  # DataComp's descending sort puts NaN last; t = NaN keeps nothing
-    pos = len(finite) - 1 - k
-    return float(np.partition(finite, pos)[pos])
+    return threshold_of_parts(
+        [np.asarray(p, dtype=np.float64).ravel() for p in parts], fraction, mode
+    )
 
 
 def json_number(x: float) -> float | str:
@@ -162,6 +154,17 @@ class Filter:
     def prepare(self) -> None:
         """One-time work on the driver before the filter is shipped to workers (default none)."""
 
+    def assets(self) -> dict[str, str]:
+        """Files a worker opens (`Stage.assets`); default: the `language` model's, if any."""
+        lang = getattr(self, "language", None)
+        return dict(lang.assets()) if hasattr(lang, "assets") else {}
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Open those files at local copies (`Stage.use_assets`); default: `language`'s."""
+        lang = getattr(self, "language", None)
+        if hasattr(lang, "use_assets"):
+            lang.use_assets(paths)
+
     @property
     def needs_fit(self) -> bool:
         """True while a global threshold is still missing (call `fit` with all shards' scores)."""
@@ -176,8 +179,24 @@ class Filter:
         """The scores `fit` needs (pass 1 of the barrier); empty when nothing is to be fitted."""
         return self.score(table) if self.needs_fit else {}
 
+    def quantile_requests(self) -> list[QuantileRequest]:
+        """The global thresholds still missing, as (score key of `score_for_fit`, fraction,
+        mode) of `global_threshold`; the runner selects each over the whole pool and hands it
+        to `set_quantile`, without gathering the scores (the default asks for none)."""
+        return []
+
+    def set_quantile(self, key: str, value: float) -> None:
+        """Take the threshold of the `quantile_requests` entry for score `key`."""
+        raise KeyError(f"{self.name}: no quantile was requested for score {key!r}")
+
     def fit(self, all_scores: Sequence[Scores]) -> None:
-        """Compute global parameters from every shard's scores; the default has none."""
+        """Compute global parameters from every shard's scores (in memory).
+
+        The default answers `quantile_requests` with `global_threshold` over the scores;
+        filters with other global parameters override it.
+        """
+        for key, fraction, mode in self.quantile_requests():
+            self.set_quantile(key, global_threshold([s[key] for s in all_scores], fraction, mode))
 
     def fitted(self) -> dict[str, dict[str, Any]]:
         """Global parameters computed by `fit`, keyed by filter name (for the manifest)."""

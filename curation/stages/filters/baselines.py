@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,11 +10,11 @@ import pyarrow as pa
 from curation.stages.filters.base import (
     Filter,
     LanguageFn,
+    QuantileRequest,
     Scores,
     _float_column,
     caption_char_count,
     caption_word_count,
-    global_threshold,
     json_number,
 )
 from curation.stages.filters.language import LanguageId
@@ -79,13 +78,18 @@ class ClipScoreFilter(Filter):
         """True until the global threshold for `fraction` is known."""
         return self.threshold is None
 
-    def fit(self, all_scores: Sequence[Scores]) -> None:
-        """Set the threshold from every shard's `clip_score` (the global-quantile barrier)."""
-        if self.fraction is None:
-            return
-        self.threshold = global_threshold(
-            [s["clip_score"] for s in all_scores], self.fraction, self.threshold_mode
-        )
+    def quantile_requests(self) -> list[QuantileRequest]:
+        """The global threshold of `fraction` over `clip_score`, until it is known."""
+        if self.fraction is None or self.threshold is not None:
+            return []
+        return [("clip_score", self.fraction, self.threshold_mode)]
+
+    def set_quantile(self, key: str, value: float) -> None:
+        """Take the global threshold (`fit` computes it in memory, `flows.filter` on Ray)."""
+        if key != "clip_score" or self.fraction is None:
+            super().set_quantile(key, value)
+        value = float(value)
+        self.threshold = 0.0 if value == 0.0 else value  # -0.0 -> 0.0
 
     def fitted(self) -> dict[str, dict[str, Any]]:
         """The global threshold of a `fraction` filter, once fitted."""

