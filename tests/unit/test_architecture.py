@@ -20,10 +20,13 @@ ALLOWED = {
     "io": {"core", "io"},
     "stages": {"core", "io", "config", "stages"},
     "executor": {"core", "io", "executor"},
-    "flows": {"core", "io", "config", "stages", "executor", "flows", "synth"},
+    # the training loop, data pipeline and online balancing (torch + open_clip; no Ray: the
+    # executor's Ray Train launcher runs the loop a flow hands it)
+    "train": {"core", "io", "config", "stages", "train"},
+    "flows": {"core", "io", "config", "stages", "executor", "flows", "synth", "train"},
     "synth": {"core", "io", "synth"},
     "tools": {"core", "tools"},
-    "cli": {"core", "io", "config", "stages", "executor", "flows", "synth", "tools"},
+    "cli": {"core", "io", "config", "stages", "executor", "flows", "synth", "tools", "train"},
 }
 
 

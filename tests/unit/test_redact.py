@@ -105,13 +105,17 @@ def test_finish_part_marker(tmp_path, url):
 
 @pytest.mark.parametrize("url", URLS)
 def test_inputs_and_assets_fingerprints(monkeypatch, url):
-    monkeypatch.setattr(fingerprint, "file_identity", lambda u: {"size": 1, "etag": "e"})
+    monkeypatch.setattr(
+        fingerprint, "file_identities", lambda us: [{"size": 1, "etag": "e"} for _ in us]
+    )
     monkeypatch.setattr(fingerprint, "asset_digest", lambda u: "sha256:00")
     no_secret(json.dumps(fingerprint.inputs_fingerprint([url])))
     no_secret(json.dumps(fingerprint.assets_fingerprint([url])))
 
 
 def test_a_new_signature_of_the_same_object_keeps_the_fingerprint(monkeypatch):
-    monkeypatch.setattr(fingerprint, "file_identity", lambda u: {"size": 1, "etag": "e"})
+    monkeypatch.setattr(
+        fingerprint, "file_identities", lambda us: [{"size": 1, "etag": "e"} for _ in us]
+    )
     again = PRESIGNED.replace(SIG, "ffff0000OTHER")
     assert fingerprint.inputs_fingerprint([PRESIGNED]) == fingerprint.inputs_fingerprint([again])
