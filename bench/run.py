@@ -9,6 +9,9 @@
 6. CLIP scoring (bench_score.py): decode vs model img/s and their time shares with the tiny
    model on CPU, end to end on the Ray actor pool; `python bench/bench_score.py --gpu` on a GPU
    machine for ViT-B-32 / ViT-L-14 end to end vs model alone.
+7. Cluster scale (bench_scale.py, reduced sizes): planning + resume of 20k shards, input
+   identities by listing vs per object on an S3 server (moto), driver peak RSS of count and
+   a top-fraction filter at 1M vs 3M rows (flat: the driver holds O(shards)).
 """
 
 from __future__ import annotations
@@ -133,6 +136,11 @@ def main() -> None:
         import bench_match
 
         bench_match.main()
+        print("== planning and barriers at cluster scale (bench_scale.py; full size: 100k shards,")
+        print("   1M vs 10M rows with `python bench/bench_scale.py [--before OLD_CHECKOUT]`) ==")
+        import bench_scale
+
+        bench_scale.main(["--shards", "20000", "--s3-shards", "1000", "--rows", "1000000,3000000"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
