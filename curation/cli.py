@@ -1047,6 +1047,258 @@ def run(
 
 
 @main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
+@click.option("--subset", default=None,
+              help="Curated folder (Parquet parts with uid) or DataComp uid file (.npy): train "
+              "only on those uids.")  # fmt: skip
+@click.option(
+    "--model",
+    default=None,
+    help="open_clip model name (default: the scale's, else curation-tiny-vit).",
+)
+@click.option("--pretrained", default=None, help="Local weights to start from (.safetensors).")
+@click.option(
+    "--scale",
+    type=click.Choice(["debug", "small", "medium", "large", "xlarge"]),
+    default=None,
+    help="DataComp preset: model, batch, lr, warmup, samples seen, beta2.",
+)
+@click.option("--samples-seen", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Global batch (all workers together).",
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warmup steps.")
+@click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=None)
+@click.option("--grad-clip-norm", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--loss", type=click.Choice(["clip", "siglip"]), default="clip", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast on GPU, fp32 on CPU.",
+)
+@click.option(
+    "--balance",
+    type=click.Choice(["online"]),
+    default=None,
+    help="Online MetaCLIP balancing: a fresh balanced draw every pass.",
+)
+@click.option("--matched", default=None, help="With --balance online: the match stage folder.")
+@click.option(
+    "--counts", "counts_path", default=None, help="With --balance online: entry_counts.parquet."
+)
+@click.option("--t", "t", type=float, default=None, help="With --balance online: threshold t.")
+@click.option(
+    "--tail-proportion",
+    type=float,
+    default=None,
+    help="With --balance online: derive t (MetaCLIP 2's p_to_t).",
+)
+@click.option(
+    "--eval",
+    "eval_shards",
+    multiple=True,
+    help="Held-out synthetic shards for a zero-shot check (repeatable).",
+)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ray Train workers (default: one per GPU, else 1).",
+)
+@click.option(
+    "--cpus-per-worker",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPUs per Ray Train worker (default: 1 + --loader-workers).",
+)
+@click.option(
+    "--loader-workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Decode processes per Ray Train worker (0: in the worker).",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Steps between checkpoints.",
+)
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT's latest checkpoint.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--grad-checkpointing", is_flag=True)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Restarts after a lost worker (each resumes from the last checkpoint).",
+)
+@click.option("--stop-after", type=click.IntRange(min=1), default=None, hidden=True)
+@ADDRESS
+@NUM_CPUS
+def train(
+    shards: tuple[str, ...],
+    out_dir: str,
+    subset: str | None,
+    model: str | None,
+    pretrained: str | None,
+    scale: str | None,
+    samples_seen: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    warmup: int | None,
+    beta2: float | None,
+    grad_clip_norm: float | None,
+    loss: str,
+    precision: str,
+    balance: str | None,
+    matched: str | None,
+    counts_path: str | None,
+    t: float | None,
+    tail_proportion: float | None,
+    eval_shards: tuple[str, ...],
+    seed: int,
+    device: str,
+    num_workers: int | None,
+    cpus_per_worker: int | None,
+    loader_workers: int,
+    checkpoint_every: int,
+    log_every: int,
+    resume: bool,
+    compile_: bool,
+    grad_checkpointing: bool,
+    max_failures: int,
+    stop_after: int | None,
+    address: str | None,
+    num_cpus: int | None,
+) -> None:
+    """Train CLIP (open_clip) on webdataset tars, optionally a curated subset, on Ray Train.
+
+    DataComp's --scale presets (explicit flags override); DDP over Ray Train workers (one per
+    GPU; gloo CPU workers without one); checkpoints every N steps to OUT/checkpoints/step-<k>/,
+    --resume continues with the same data order. Writes OUT/model.safetensors (loads into
+    open_clip.create_model(arch); `curation score --checkpoint` takes it), train_log.jsonl,
+    loss_curve.png and manifest.json.
+
+    \b
+    Example:
+      curation synth pool/ --images --shards 4 --pairs-per-shard 2000 --seed 0 --image-size 64
+      curation train pool/ -o out/train --batch-size 128 --samples-seen 64000
+      curation train shards/ --subset out/curated -o out/small --scale small
+    """
+    from curation.config.train import resolve
+    from curation.flows.train import check_model, train_command
+
+    def config(workers: int) -> Any:
+        return resolve(scale, dict(overrides, num_workers=workers))
+
+    overrides: dict[str, Any] = {
+        "shards": tuple(shards),
+        "out": out_dir,
+        "model": model,
+        "pretrained": pretrained,
+        "samples_seen": samples_seen,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "beta2": beta2,
+        "grad_clip_norm": grad_clip_norm,
+        "loss": loss,
+        "precision": precision,
+        "device": device,
+        "seed": seed,
+        "num_workers": num_workers,
+        "cpus_per_worker": cpus_per_worker or 1 + loader_workers,
+        "loader_workers": loader_workers,
+        "checkpoint_every": checkpoint_every,
+        "log_every": log_every,
+        "resume": resume,
+        "subset": subset,
+        "balance": balance,
+        "matched": matched,
+        "counts": counts_path,
+        "t": t,
+        "tail_proportion": tail_proportion,
+        "eval_shards": tuple(eval_shards),
+        "compile": compile_,
+        "grad_checkpointing": grad_checkpointing,
+        "max_failures": max_failures,
+        "stop_after": stop_after,
+    }
+    check_model(config(num_workers or 1).model)  # one-line errors before Ray starts
+    _ray(address, num_cpus)
+    if num_workers is None:
+        from curation.executor.runner import cluster_resources
+
+        gpus = int(cluster_resources().get("GPU", 0)) if device != "cpu" else 0
+        num_workers = max(1, gpus)
+    cfg = config(num_workers)
+    m = train_command(cfg)
+    r = m["result"]
+    click.echo(
+        f"trained {cfg.model}: {r['steps']}/{r['total_steps']} steps, {r['samples_seen']:,} "
+        f"samples seen, final loss {r['final_loss']:.4f} -> {out_dir}/model.safetensors"
+    )
+    if m.get("eval"):
+        for task, e in m["eval"].items():
+            click.echo(f"zero-shot {task}: {e['accuracy']:.3f} (chance {e['chance']:.3f})")
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option(
+    "--subset",
+    required=True,
+    help="Samples to keep: a curated folder (Parquet parts with `uid`) or a DataComp uid .npy.",
+)
+@click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=10_000, show_default=True)
+@NO_GLOB
+@click.option("--overwrite", is_flag=True, help="Replace earlier reshard output in OUT.")
+def reshard(
+    shards: tuple[str, ...],
+    subset: str,
+    out_dir: str,
+    samples_per_shard: int,
+    no_glob: bool,
+    overwrite: bool,
+) -> None:
+    """Copy the subset's samples of webdataset tars into new tars of a fixed sample count.
+
+    \b
+    Example:
+      curation reshard 'pool/*.tar' --subset out/curated -o out/shards --samples-per-shard 10000
+    """
+    from curation.flows.reshard import run_reshard
+
+    m = run_reshard(
+        _literal(shards, no_glob),
+        subset,
+        out_dir,
+        samples_per_shard=samples_per_shard,
+        overwrite=overwrite,
+    )
+    click.echo(
+        f"reshard: {m['samples_written']:,} of {m['counts'].get('read', 0):,} samples → "
+        f"{len(m['shards'])} shard(s) in {out_dir} ({m['seconds']:.1f}s)"
+    )
+
+
+@main.command()
 @click.argument("out_dir")
 def status(out_dir: str) -> None:
     """Show what is done, pending and quarantined in a run folder.

@@ -185,6 +185,46 @@ def entry_probabilities(counts: np.ndarray, t: float) -> np.ndarray:
     return t / np.maximum(c, t)
 
 
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """The distinct values of `x`, sorted (no sort when `x` already is, as list columns of
+    sorted entry ids usually are; faster than `np.unique` on large int64 arrays)."""
+    if len(x) > 1 and not bool(np.all(x[1:] >= x[:-1])):
+        x = np.sort(x)
+    return x[np.r_[True, x[1:] != x[:-1]]] if len(x) else x
+
+
+def keep_probabilities(
+    entry_ids: pa.Array | pa.ChunkedArray, probabilities: np.ndarray
+) -> np.ndarray:
+    """Each row's keep probability 1 - prod_{e in E}(1 - p_e) over its distinct entries E.
+
+    The probability the `Balancer` keeps a row with, and MetaCLIP's per-text rule
+    (`metaclip/curation/curate.py`, `prob = 1. - np.prod(1. - entry_probs[matched_entry_ids])`).
+    Rows without entries get 0. An entry listed twice counts once, as in the Balancer (the
+    same (row, entry) pair gets the same draw).
+    """
+    if isinstance(entry_ids, pa.ChunkedArray):
+        entry_ids = (
+            entry_ids.combine_chunks() if entry_ids.num_chunks else pa.array([], entry_ids.type)
+        )
+    n = len(entry_ids)
+    p = np.asarray(probabilities, dtype=np.float64)
+    flat = pc.list_flatten(entry_ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(flat) and int(flat.max()) >= len(p):
+        raise ValueError(
+            f"entry id {int(flat.max())} is out of range for {len(p)} entry probabilities; "
+            "the matched data was produced with a different metadata file"
+        )
+    parents = pc.list_parent_indices(entry_ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    pairs = sorted_unique(parents * len(p) + flat)  # distinct (row, entry), sorted by row
+    rows, ents = np.divmod(pairs, len(p)) if len(p) else (pairs, pairs)
+    out = np.zeros(n, dtype=np.float64)
+    if len(pairs):
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        out[rows[starts]] = 1.0 - np.multiply.reduceat(1.0 - p[ents], starts)
+    return out
+
+
 def t_to_p(counts: np.ndarray, t: float) -> float:
     """Tail proportion for threshold t: the share of matches in entries with count < t.
 
