@@ -167,7 +167,7 @@ def run_open_clip(a: argparse.Namespace, pool: Path, work: Path) -> dict[str, An
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpu", action="store_true", help="ViT-B-32 at 224 px, bf16, on a GPU")
     ap.add_argument("--pool", type=Path, default=None, help="tars to train on (default: synth)")
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--skip-open-clip", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     ncpu = os.cpu_count() or 1
     if a.gpu:
         a.model, size = "ViT-B-32", 256

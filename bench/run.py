@@ -9,7 +9,9 @@
 6. CLIP scoring (bench_score.py): decode vs model img/s and their time shares with the tiny
    model on CPU, end to end on the Ray actor pool; `python bench/bench_score.py --gpu` on a GPU
    machine for ViT-B-32 / ViT-L-14 end to end vs model alone.
-7. Cluster scale (bench_scale.py, reduced sizes): planning + resume of 20k shards, input
+7. Training (bench_train.py): `curation train` vs `open_clip_train.main` samples/s per worker
+   on the same tars, batch and precision (tiny model on CPU; `--gpu` for ViT-B-32 bf16).
+8. Cluster scale (bench_scale.py, reduced sizes): planning + resume of 20k shards, input
    identities by listing vs per object on an S3 server (moto), driver peak RSS of count and
    a top-fraction filter at 1M vs 3M rows (flat: the driver holds O(shards)).
 """
@@ -136,6 +138,10 @@ def main() -> None:
         import bench_match
 
         bench_match.main()
+        print("== training: curation train vs open_clip_train.main (tiny model, CPU) ==")
+        import bench_train
+
+        bench_train.main([])
         print("== planning and barriers at cluster scale (bench_scale.py; full size: 100k shards,")
         print("   1M vs 10M rows with `python bench/bench_scale.py [--before OLD_CHECKOUT]`) ==")
         import bench_scale

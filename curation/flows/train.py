@@ -19,13 +19,14 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from curation.config.train import TrainConfig
 from curation.core import fsio
 from curation.core.fingerprint import inputs_fingerprint, versions
 from curation.core.redact import redact
-from curation.executor.runner import check_output_location, cluster_resources
+from curation.executor.runner import check_output_location, cluster_resources, reduce_over_shards
 from curation.executor.train import run_training
 from curation.io.parts import OutputLease, check_output_not_in_inputs
 from curation.train.loop import (
@@ -180,26 +181,46 @@ def _local_copy(url: str, tmp: str) -> str:
     return dest
 
 
-def _online_pass_stats(cfg: TrainConfig, urls: list[str], passes: list[int]) -> list[dict]:
-    """Per pass: what online balancing reads and keeps over the whole pool (every rank's share
-    together), and the head/tail entry coverage of the kept samples' chosen texts."""
+def _shard_pass_stats(
+    url: str, *, balancer: Any, subset: Any, passes: Sequence[int]
+) -> list[dict[str, Any]]:
+    """One tar's online-balancing statistics for each pass (uids only; no image decoded)."""
     import numpy as np
 
-    from curation.train.data import Subset, iter_tar_samples
+    from curation.train.data import iter_tar_samples
+
+    got = [s.uid for s in iter_tar_samples(url, want_images=False) if s.reason is None]
+    uids = np.asarray(got, dtype=object)
+    if subset is not None:
+        uids = uids[subset.contains(uids)]
+    return [balancer.pass_stats(balancer.keep(uids, None, p)[0], uids, p) for p in passes]
+
+
+def _sum_pass_stats(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from curation.train.online import combine_pass_stats
+
+    return [combine_pass_stats([x, y]) for x, y in zip(a, b, strict=True)]
+
+
+def _online_pass_stats(
+    cfg: TrainConfig, urls: list[str], passes: list[int]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per pass: what online balancing reads and keeps over the whole pool (every rank's share
+    together), and the head/tail entry coverage of the kept samples' chosen texts. A tree of
+    Ray tasks (one per tar) computes it; the driver gets one list of counters per pass."""
+    from functools import partial
+
+    from curation.train.data import Subset
     from curation.train.online import OnlineBalancer, combine_pass_stats
 
     bal = OnlineBalancer.load(
         cfg.matched, cfg.counts, t=cfg.t, tail_proportion=cfg.tail_proportion, seed=cfg.seed
     )
-    got = [s.uid for u in urls for s in iter_tar_samples(u, want_images=False) if s.reason is None]
-    uids = np.asarray(got, dtype=object)
-    if cfg.subset:
-        uids = uids[Subset.load(cfg.subset).contains(uids)]
-    out = []
-    for p in passes:
-        mask, _ = bal.keep(uids, None, p)
-        out.append({"pass": p, **combine_pass_stats([bal.pass_stats(mask, uids, p)])})
-    return out, bal.describe()  # type: ignore[return-value]
+    subset = Subset.load(cfg.subset) if cfg.subset else None
+    fn = partial(_shard_pass_stats, balancer=bal, subset=subset, passes=list(passes))
+    per_pass = reduce_over_shards(fn, urls, _sum_pass_stats) or [{} for _ in passes]
+    out = [{"pass": p, **combine_pass_stats([st])} for p, st in zip(passes, per_pass, strict=True)]
+    return out, bal.describe()
 
 
 def train_command(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
