@@ -40,14 +40,23 @@ class TrainContext:
 
 
 class _ResultBox:
+    """Rank 0's result, and its latest progress metrics (for the driver's progress bar)."""
+
     def __init__(self) -> None:
         self.value: Any = None
+        self.metrics: dict[str, Any] | None = None
 
     def put(self, value: Any) -> None:
         self.value = value
 
     def get(self) -> Any:
         return self.value
+
+    def progress(self, metrics: dict[str, Any]) -> None:
+        self.metrics = metrics
+
+    def latest(self) -> dict[str, Any] | None:
+        return self.metrics
 
 
 def _worker_fn(loop: Callable[[dict[str, Any], TrainContext], Any], box: Any, threads: int):
@@ -71,7 +80,8 @@ def _worker_fn(loop: Callable[[dict[str, Any], TrainContext], Any], box: Any, th
             world_size=world,
             local_rank=tc.get_local_rank(),
             device=device,
-            reporter=None,
+            # fire and forget: the driver's progress bar polls the latest
+            reporter=(lambda m: box.progress.remote(m)) if rank == 0 else None,
         )
         result = loop(config, ctx)
         if rank == 0:
@@ -106,13 +116,15 @@ def run_training(
     cpus_per_worker: int = 1,
     max_failures: int = 0,
     name: str = "curation-train",
+    progress: bool = False,
 ) -> Any:
     """Run `loop(config, ctx)` on `num_workers` Ray Train workers; returns rank 0's result.
 
     Needs a connected Ray cluster (`runner.ensure_ray`). Each worker asks for
     `cpus_per_worker` CPUs (and one GPU with `use_gpu`) and sets torch's thread count to its
     CPUs. `max_failures`: how often Ray Train restarts the workers after a lost one (the loop
-    then resumes from its last checkpoint).
+    then resumes from its last checkpoint). `progress`: a tqdm bar of steps with samples/s
+    and the loss, from what rank 0 reports (`ctx.report`) at each log step.
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -125,7 +137,7 @@ def run_training(
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    cfg = dict(config, _use_gpu=bool(use_gpu))
+    cfg = dict(config, _use_gpu=bool(use_gpu), _progress_bar=bool(progress))
     trainer = TorchTrainer(
         _worker_fn(loop, box, cpus_per_worker),
         train_loop_config=cfg,
@@ -141,7 +153,7 @@ def run_training(
     )
     try:
         try:
-            result = trainer.fit()
+            result = _fit_with_progress(trainer, box) if progress else trainer.fit()
         except Exception as exc:
             _raise_worker_error(exc)
             raise
@@ -153,6 +165,46 @@ def run_training(
     finally:
         ray.kill(box)
         shutil.rmtree(storage, ignore_errors=True)
+
+
+def _fit_with_progress(trainer: Any, box: Any, poll_s: float = 1.0) -> Any:
+    """`trainer.fit()` in a thread while this one draws a progress bar from rank 0's reports."""
+    import threading
+
+    import ray
+    from tqdm import tqdm
+
+    out: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    bar = None
+    try:
+        while thread.is_alive():
+            thread.join(poll_s)
+            m = ray.get(box.latest.remote())
+            if not m:
+                continue
+            if bar is None:
+                bar = tqdm(total=int(m["total_steps"]), desc="   train", unit="step")
+            bar.n = int(m["step"])
+            bar.set_postfix_str(
+                f"loss={m['loss']:.3f} samples/s={m['samples_per_s']:,.0f} "
+                f"({m['samples_per_s_per_worker']:,.0f}/worker)"
+            )
+            bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def _raise_worker_error(exc: BaseException) -> None:

@@ -243,6 +243,7 @@ def train_command(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             use_gpu=use_gpu,
             cpus_per_worker=cfg.cpus_per_worker,
             max_failures=cfg.max_failures,
+            progress=progress,
         )
         rows = _read_log(cfg.out)
         if rows:

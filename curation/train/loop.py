@@ -495,6 +495,8 @@ def train_loop(config: dict[str, Any], ctx: Any) -> dict[str, Any]:
                         "step_s": step_s,
                     }
                     log.add(row)
+                    ctx.report({**row, "total_steps": total_steps})
+                if rank == 0 and not config.get("_progress_bar"):  # else the driver's bar
                     print(
                         f"step {step}/{total_steps} pass {pass_index} loss {last_loss:.4f} "
                         f"lr {lr:.3g} {sps:,.1f} samples/s ({sps / world:,.1f}/worker)",

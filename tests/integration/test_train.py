@@ -287,3 +287,21 @@ def test_cli_unknown_model_is_one_line(pools: dict[str, str], tmp_path: Path) ->
     assert lines == [lines[0]] and lines[0].startswith("Error: unknown open_clip model")
     assert "list_models" in lines[0]
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_cli_trains_on_the_session_cluster_with_a_progress_bar(
+    pools: dict[str, str], tmp_path: Path, ray_cluster: str
+) -> None:
+    """`curation train --address` uses the cluster curation runs on, and the driver draws a
+    progress bar of steps with samples/s from rank 0's reports (not the workers' log lines)."""
+    out = tmp_path / "cli"
+    proc = run_cli(
+        ["train", pools["pool"], "-o", out, "--batch-size", "32", "--samples-seen", "320",
+         "--loader-workers", "0", "--log-every", "2", "--device", "cpu",
+         "--address", ray_cluster],
+        timeout=240,
+    )  # fmt: skip
+    assert "train:" in proc.stderr and "samples/s=" in proc.stderr, proc.stderr[-2000:]
+    assert "step 10/10" not in proc.stdout + proc.stderr  # no per-step worker prints
+    assert "10/10 steps" in proc.stdout
+    assert (out / "model.safetensors").exists()
