@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curation.core import fsio
 from curation.core.accounting import (
@@ -45,7 +44,13 @@ from curation.io.parts import (
 )
 from curation.io.paths_listing import PathsListing
 from curation.io.report import write_report
-from curation.stages.balance import Balancer, count_entries, entry_probabilities, p_to_t, t_to_p
+from curation.stages.balance import (
+    Balancer,
+    count_entries,
+    entry_probabilities,
+    read_counts,
+    resolve_t,
+)
 from curation.stages.ingest import INPUT_SUFFIXES, Ingestor, detect_format
 from curation.stages.match import MatchStage
 
@@ -244,28 +249,6 @@ def persisted_count(
     write_counts(counts, entries, path)
     fsio.atomic_write_json(key_url, source)  # after the counts: a crash between recounts
     return counts, entries
-
-
-def read_counts(path: str) -> np.ndarray:
-    """The count column of an `entry_counts.parquet` (checked to be 0..N-1 in order)."""
-    fs, fpath = fsio.url_to_fs(path)
-    with fs.open(fpath, "rb") as f:
-        t = pq.read_table(f, columns=["entry_id", "count"])
-    ids = t.column("entry_id").to_numpy()
-    if not np.array_equal(ids, np.arange(len(ids))):
-        raise ValueError(f"{path}: entry_id must be 0..N-1 in order (one row per metadata entry)")
-    return t.column("count").to_numpy().astype(np.uint64)
-
-
-def resolve_t(
-    counts: np.ndarray, t: float | None, tail_proportion: float | None
-) -> tuple[float, float]:
-    """(t, tail proportion) from exactly one of them (MetaCLIP 2's p_to_t / t_to_p)."""
-    if (t is None) == (tail_proportion is None):
-        raise ValueError("give exactly one of t or tail_proportion")
-    if t is None:
-        t = float(p_to_t(counts, tail_proportion))
-    return float(t), t_to_p(counts, t)
 
 
 def balance(

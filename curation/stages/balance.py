@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core import fsio
 from curation.core.arrow import string_buffers
 from curation.core.stage import Stage, StageOutput
 
@@ -317,3 +318,31 @@ class Balancer(Stage):
         counts["rows_dropped_no_match"] = int((~has_match).sum())
         counts["rows_dropped_not_sampled"] = int((has_match & ~keep).sum())
         return StageOutput(table.filter(pa.array(keep)), counts, [])
+
+
+def read_counts(url: str) -> np.ndarray:
+    """The `count` column of an `entry_counts.parquet` (entry_id checked to be 0..N-1 in
+    order: one row per metadata entry), as uint64."""
+    import pyarrow.parquet as pq
+
+    fs, path = fsio.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=["entry_id", "count"])
+    ids = table.column("entry_id").to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise ValueError(f"{url}: entry_id must be 0..N-1 in order (one row per metadata entry)")
+    return table.column("count").to_numpy().astype(np.uint64)
+
+
+def resolve_t(
+    counts: np.ndarray, t: float | None, tail_proportion: float | None
+) -> tuple[float, float]:
+    """(t, tail proportion) from exactly one of them (MetaCLIP 2's `p_to_t` / `t_to_p`)."""
+    if (t is None) == (tail_proportion is None):
+        raise ValueError("give exactly one of t or tail_proportion")
+    if t is None:
+        t = float(p_to_t(counts, tail_proportion))
+    t = float(t)
+    if not np.isfinite(t) or t <= 0:
+        raise ValueError(f"t must be a finite number > 0, got {t}")
+    return t, t_to_p(counts, t)

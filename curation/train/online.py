@@ -43,19 +43,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curation.core import fsio
 from curation.core.fingerprint import fingerprint
 from curation.core.redact import redact_url
 from curation.io.parts import parts_of, read_part
 from curation.stages.balance import (
     entry_probabilities,
     keep_probabilities,
-    p_to_t,
+    read_counts,
+    resolve_t,
     sorted_unique,
     stable_hash64,
-    t_to_p,
     uniform_draws,
 )
 
@@ -80,31 +78,6 @@ def pass_key(seed: int, pass_index: int) -> int:
     if int(pass_index) < 0:
         raise ValueError(f"pass_index must be >= 0, got {pass_index}")
     return _splitmix(_splitmix(int(seed) & _M64) ^ (((int(pass_index) + 1) * _GOLDEN) & _M64))
-
-
-def read_entry_counts(url: str) -> np.ndarray:
-    """The `count` column of an `entry_counts.parquet` (entry_id must be 0..N-1 in order)."""
-    fs, path = fsio.url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=["entry_id", "count"])
-    ids = table.column("entry_id").to_numpy()
-    if not np.array_equal(ids, np.arange(len(ids))):
-        raise ValueError(f"{url}: entry_id must be 0..N-1 in order (one row per metadata entry)")
-    return table.column("count").to_numpy().astype(np.uint64)
-
-
-def resolve_threshold(
-    counts: np.ndarray, t: float | None, tail_proportion: float | None
-) -> tuple[float, float]:
-    """(t, tail proportion) from exactly one of them (MetaCLIP 2's `p_to_t` / `t_to_p`)."""
-    if (t is None) == (tail_proportion is None):
-        raise ValueError("give exactly one of t or tail_proportion")
-    if t is None:
-        t = float(p_to_t(counts, tail_proportion))
-    t = float(t)
-    if not np.isfinite(t) or t <= 0:
-        raise ValueError(f"t must be a finite number > 0, got {t}")
-    return t, t_to_p(counts, t)
 
 
 def _strings(values: Any) -> pa.Array:
@@ -165,7 +138,7 @@ class OnlineBalancer:
                     "give the output of `curation match`"
                 )
         self.counts = np.asarray(counts, dtype=np.uint64)
-        self.t, self.tail_proportion = resolve_threshold(self.counts, t, tail_proportion)
+        self.t, self.tail_proportion = resolve_t(self.counts, t, tail_proportion)
         self.seed = int(seed)
         self.rule = rule
         self.source = source
@@ -188,7 +161,7 @@ class OnlineBalancer:
         table = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
         return cls(
             table,
-            read_entry_counts(counts),
+            read_counts(counts),
             t=t,
             tail_proportion=tail_proportion,
             seed=seed,
@@ -435,6 +408,4 @@ __all__: Sequence[str] = (
     "OnlineBalancer",
     "combine_pass_stats",
     "pass_key",
-    "read_entry_counts",
-    "resolve_threshold",
 )
