@@ -1258,6 +1258,67 @@ def train(
             click.echo(f"zero-shot {task}: {e['accuracy']:.3f} (chance {e['chance']:.3f})")
 
 
+@main.command("eval")
+@click.argument("model_or_run", required=False)
+@click.option("--model", "arch", default=None,
+              help="open_clip architecture (for a weights file or --pretrained).")  # fmt: skip
+@click.option("--pretrained", default=None,
+              help="open_clip pretrained tag, already in the local cache (never downloaded).")  # fmt: skip
+@click.option("--task", "tasks", multiple=True, required=True,
+              help="Task folder in CLIP_benchmark's webdataset layout (any fsspec URL); repeat.")  # fmt: skip
+@click.option("-o", "--out", "out_path", required=True, help="Results JSON (any fsspec URL).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of a local Ray.")
+def eval_(
+    model_or_run: str | None,
+    arch: str | None,
+    pretrained: str | None,
+    tasks: tuple[str, ...],
+    out_path: str,
+    device: str,
+    batch_size: int,
+    address: str | None,
+    num_cpus: int | None,
+) -> None:
+    """Zero-shot classification / retrieval of a model on CLIP_benchmark task folders.
+
+    MODEL_OR_RUN is a `curation train` output folder, or a .safetensors / state-dict file with
+    --model ARCH; or give --model ARCH --pretrained TAG (open_clip's local cache). Each task
+    runs as a Ray task (on a GPU when the cluster has one). Writes per-task acc1 / acc5 /
+    mean per-class recall (classification) or recall@1/5/10 both ways (retrieval) and averages.
+
+    \b
+    Example:
+      curation eval out/train --task tasks/cifar10 --task tasks/flickr30k -o out/eval.json
+    """
+    from curation.flows.evaluate import evaluate_command, resolve_model
+    from curation.train.eval_tasks import load_task
+
+    model = resolve_model(model_or_run, arch, pretrained)  # one-line errors before Ray starts
+    for t in tasks:
+        load_task(t)
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise click.BadParameter(f"{device!r}: auto, cpu or cuda", param_hint="--device")
+    _ray(address, num_cpus)
+    doc = evaluate_command(model, tasks, out_path, device=device, batch_size=batch_size)
+    for r in doc["tasks"]:
+        m = r["metrics"]
+        if r["kind"] == "classification":
+            click.echo(
+                f"{r['task']}: acc1 {m['acc1']:.4f} acc5 {m['acc5']:.4f} mean per-class recall "
+                f"{m['mean_per_class_recall']:.4f} ({r['images']} images, {r['classes']} classes)"
+            )
+        else:
+            click.echo(
+                f"{r['task']}: mean recall {m['mean_recall']:.4f} (image@1 "
+                f"{m['image_retrieval_recall@1']:.4f}, text@1 {m['text_retrieval_recall@1']:.4f}; "
+                f"{r['images']} images)"
+            )
+    click.echo(f"-> {out_path}")
+
+
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option(

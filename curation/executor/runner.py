@@ -527,13 +527,16 @@ def sum_over_shards(
     return np.asarray(total, dtype=dtype)
 
 
-def map_shards(fn: Callable[..., Any], shards: Sequence[Any], *args: Any) -> list[Any]:
-    """[fn(shard, *args)] computed by Ray tasks (results in shard order), I/O errors retried."""
+def map_shards(
+    fn: Callable[..., Any], shards: Sequence[Any], *args: Any, num_gpus: float = 0
+) -> list[Any]:
+    """[fn(shard, *args)] computed by Ray tasks (results in shard order), I/O errors retried;
+    each task holds one CPU and `num_gpus` GPUs."""
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[TransientIOError])(
-        _map_task
-    )
+    remote = ray.remote(
+        num_cpus=1, num_gpus=num_gpus, max_retries=TASK_RETRIES, retry_exceptions=[TransientIOError]
+    )(_map_task)
     fn_ref = ray.put(fn)
     arg_refs = [ray.put(a) for a in args]
     refs = [remote.remote(fn_ref, s, *arg_refs) for s in shards]
