@@ -24,7 +24,7 @@ from typing import Any
 
 from curation.config.train import TrainConfig
 from curation.core import fsio
-from curation.core.fingerprint import inputs_fingerprint, versions
+from curation.core.fingerprint import asset_digest, inputs_fingerprint, versions
 from curation.core.redact import redact
 from curation.executor.runner import check_output_location, cluster_resources, reduce_over_shards
 from curation.executor.train import run_training
@@ -32,6 +32,7 @@ from curation.io.parts import OutputLease, check_output_not_in_inputs
 from curation.train.loop import (
     check_checkpoint_fits,
     latest_checkpoint,
+    loader_config,
     read_checkpoint_meta,
     train_loop,
 )
@@ -63,7 +64,7 @@ def _image_size(model_cfg: dict[str, Any]) -> int:
 
 def plan_training(cfg: TrainConfig) -> dict[str, Any]:
     """Driver-side checks and the plan: shard URLs, image size, samples and steps per pass."""
-    from curation.train.data import LoaderConfig, count_samples, list_tar_shards
+    from curation.train.data import count_samples, list_tar_shards
 
     if cfg.pretrained and not os.path.isfile(cfg.pretrained):
         raise FileNotFoundError(f"--pretrained {cfg.pretrained!r} is not a local file")
@@ -71,15 +72,7 @@ def plan_training(cfg: TrainConfig) -> dict[str, Any]:
     urls = list_tar_shards(list(cfg.shards))
     check_output_not_in_inputs(cfg.out, urls)
     image_size = _image_size(model_cfg)
-    loader = LoaderConfig(
-        shards=tuple(urls),
-        global_batch=cfg.batch_size,
-        image_size=image_size,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        num_workers=cfg.loader_workers,
-        subset=cfg.subset,
-    )
+    loader = loader_config(dataclasses.replace(cfg, shards=tuple(urls)), image_size)
     subset_size = None
     if cfg.subset:
         from curation.train.data import Subset
@@ -325,13 +318,8 @@ def _versions() -> dict[str, str]:
 def _file_info(path: str | None) -> dict[str, Any] | None:
     if not path:
         return None
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return {"path": path, "sha256": h.hexdigest()}
+    digest = asset_digest(path)  # the same cached digest the fingerprints use
+    return {"path": path, "sha256": digest.removeprefix("sha256:") if digest else None}
 
 
 def _subset_info(subset: str | None, size: int | None) -> dict[str, Any] | None:

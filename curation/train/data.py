@@ -82,7 +82,13 @@ from fsspec.core import url_to_fs
 
 from curation.core import fsio
 from curation.io import datacomp
-from curation.io.images import IMAGE_EXTS, ImageLimits, PixelTransform, decode_images
+from curation.io.images import (
+    IMAGE_EXTS,
+    ImageLimits,
+    PixelTransform,
+    _split_name,
+    decode_images,
+)
 
 __all__ = [
     "TAR_SUFFIXES",
@@ -129,14 +135,6 @@ def list_tar_shards(inputs: Sequence[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # Reading tars
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1 :].lower()
 
 
 _META_EXTS = ("json", "txt")

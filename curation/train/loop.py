@@ -34,12 +34,15 @@ import math
 import random
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from curation.config.train import TrainConfig
 from curation.core import fsio
+
+if TYPE_CHECKING:
+    from curation.train.data import LoaderConfig
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -84,6 +87,24 @@ def latest_checkpoint(out: str) -> int | None:
 
 def read_checkpoint_meta(out: str, step: int) -> dict[str, Any]:
     return fsio.read_json(fsio.join(checkpoint_url(out, step), META_FILE))
+
+
+def loader_config(cfg: TrainConfig, image_size: int) -> LoaderConfig:
+    """The data loader of a training config: the same for planning (samples per pass) and for
+    the loop. `streams` is pinned (not left to follow `loader_workers`), so the data order of a
+    run, and of its resume, does not depend on the number of decode processes."""
+    from curation.train.data import LoaderConfig
+
+    return LoaderConfig(
+        shards=tuple(cfg.shards),
+        global_batch=cfg.batch_size,
+        image_size=image_size,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        num_workers=cfg.loader_workers,
+        subset=cfg.subset,
+        streams=cfg.streams or max(1, cfg.loader_workers),
+    )
 
 
 def check_checkpoint_fits(meta: dict[str, Any], cfg: TrainConfig, where: str) -> None:
@@ -277,7 +298,7 @@ def train_loop(config: dict[str, Any], ctx: Any) -> dict[str, Any]:
     import torch
     from open_clip_train.scheduler import cosine_lr
 
-    from curation.train.data import LoaderConfig, TrainBatches
+    from curation.train.data import TrainBatches
 
     extra = {k: config[k] for k in list(config) if k.startswith("_")}
     cfg = TrainConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
@@ -363,16 +384,7 @@ def train_loop(config: dict[str, Any], ctx: Any) -> dict[str, Any]:
         balancer = OnlineBalancer.load(
             cfg.matched, cfg.counts, t=cfg.t, tail_proportion=cfg.tail_proportion, seed=cfg.seed
         )
-    loader_cfg = LoaderConfig(
-        shards=tuple(cfg.shards),
-        global_batch=cfg.batch_size,
-        image_size=image_size,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        num_workers=cfg.loader_workers,
-        subset=cfg.subset,
-        streams=cfg.streams or max(1, cfg.loader_workers),
-    )
+    loader_cfg = loader_config(cfg, image_size)
     log = _Log(cfg.out, step if resumed_from is not None else None) if rank == 0 else None
     uid_log: list[str] = []
     uid_url = fsio.join(cfg.out, "_uids", f"rank-{rank}.jsonl")
