@@ -1022,9 +1022,11 @@ def run(
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Run a whole job spec: ingest → match → count → balance → report.
+    """Run a whole job spec: ingest → match → count → balance → report (or a pool's filters
+    and balancing), then its images / train / eval sections when it has them.
 
-    Resumable: a rerun skips finished shards; a changed spec needs --overwrite.
+    Resumable: a rerun skips finished shards (and a finished training run); a changed spec
+    needs --overwrite.
 
     \b
     Example:

@@ -31,10 +31,26 @@ metadata: bundled:metadata_en                       # only with balance
 balance: {t: 20000, when: after}                    # when: before | after the filters
 output: runs/datacomp_basic_then_metaclip
 ```
-A pool job needs `filters`, `balance` or both; `balance.when` is required when it has both.
+A pool job needs `filters`, `balance` or both (or only `train`: DataComp's no-filtering
+baseline); `balance.when` is required when it has both.
 Step parameters are those of `curation.config.filters.STEP_PARAMS` (the CLI's `curation filter`
 options with `_` for `-`); a step may set `name` (default: its baseline; names must differ).
 Relative local paths are taken relative to the current directory.
+
+A job may go on to train and evaluate (`curation.flows.job` says what each trains on):
+
+```yaml
+images: {threads: 64}                # raw-shard jobs: fetch the curated images (FetchOptions)
+train:                               # TrainConfig fields (TRAIN_TYPES); seed: the job's
+  scale: small                       # a DataComp preset; explicit keys override it
+  shards: ["s3://bucket/datacomp/small/shards/"]   # required for a pool job
+  balance: online                    # optional; t / tail_proportion default to the job's
+eval: {tasks: ["s3://bucket/eval/imagenet1k/"], batch_size: 256, device: auto}
+```
+`train` is checked by resolving a TrainConfig from it (its one-line errors name `train.<key>`);
+a raw-shard job's `train` needs `images` or `train.shards` (not both); `train.balance: online`
+needs the job's `balance` with `when: after` (or no filters) and not `images`; `eval` needs
+`train`.
 
 Limits, so a hostile or mistyped spec fails at once instead of exhausting the driver: a spec
 file is at most `MAX_SPEC_BYTES` (1 MiB); YAML aliases (`*name`, and so `<<: *name` merges) are
@@ -48,12 +64,14 @@ in (0, `MAX_T`] (1e15).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
 
 from curation.config.filters import validate_params
+from curation.config.train import SCALES, resolve
 
 ENGINES = ("auto", "ngram", "ahocorasick")
 TOP_KEYS = {
@@ -68,6 +86,9 @@ TOP_KEYS = {
     "output",
     "paper",
     "filters",
+    "images",
+    "train",
+    "eval",
 }
 COMBINE = ("and", "or")
 #: Largest job spec file read, in bytes.
@@ -112,6 +133,30 @@ class FilterSpec:
 
 
 @dataclass
+class TrainSpec:
+    """The job's `train` section: the tars holding the images (`shards`; empty when the job
+    fetches them, `images`), a DataComp `scale` preset and the TrainConfig fields given."""
+
+    shards: list[str]
+    scale: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def online(self) -> bool:
+        """Whether training re-balances online each pass (`train.balance: online`)."""
+        return self.params.get("balance") == "online"
+
+
+@dataclass
+class EvalSpec:
+    """The job's `eval` section: CLIP_benchmark-layout task folders, batch size, device."""
+
+    tasks: list[str]
+    batch_size: int = 256
+    device: str = "auto"
+
+
+@dataclass
 class JobSpec:
     """A validated job spec."""
 
@@ -131,6 +176,9 @@ class JobSpec:
     pool: list[str] = field(default_factory=list)
     filters: FilterSpec | None = None
     balance_when: str | None = None
+    images: dict[str, Any] | None = None
+    train: TrainSpec | None = None
+    eval: EvalSpec | None = None
 
     @property
     def balance(self) -> bool:
@@ -232,8 +280,11 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
             f"{where}: 'ingest' applies to input.paths / input.synth; input.pool is read as it is"
         )
     has_balance = "balance" in spec or not pool
-    if pool and filters is None and not has_balance:
-        raise JobSpecError(f"{where}: a job on input.pool needs 'filters', 'balance' or both")
+    if pool and filters is None and not has_balance and "train" not in spec:
+        raise JobSpecError(
+            f"{where}: a job on input.pool needs 'filters', 'balance' or both (or 'train' "
+            "alone: DataComp's no-filtering baseline trains on the whole pool)"
+        )
     if pool and not has_balance and "match" in spec:
         raise JobSpecError(f"{where}: 'match' applies only to a job with 'balance'")
     metadata = spec.get("metadata")
@@ -276,6 +327,20 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
                 f"{where}: balance.when must be 'before' or 'after' (balance before or after "
                 f"the filters), got {when!r}"
             )
+    images = _images(spec, where, bool(pool)) if "images" in spec else None
+    train = None
+    if "train" in spec:
+        train = _train(
+            spec, where, seed=seed, pool=bool(pool), images=images is not None,
+            balance=(t, p) if has_balance else None, when=when,
+        )  # fmt: skip
+    ev = None
+    if "eval" in spec:
+        if train is None:
+            raise JobSpecError(
+                f"{where}: 'eval' evaluates the model the job trains: add a 'train' section"
+            )
+        ev = _eval(spec, where)
     return JobSpec(
         name=str(spec["name"]),
         seed=seed,
@@ -295,7 +360,192 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         pool=[str(x) for x in pool],
         filters=filters,
         balance_when=when,
+        images=images,
+        train=train,
+        eval=ev,
     )
+
+
+def _paths(v: Any, key: str, where: str) -> list[str]:
+    v = [v] if isinstance(v, str) else v
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
+        raise JobSpecError(f"{where}: {key} must be a path or a non-empty list of paths, got {v!r}")
+    return [str(x) for x in v]
+
+
+def _number(v: Any, key: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise JobSpecError(f"{where}: {key} must be a finite number, got {_show(v)}")
+    return v
+
+
+def _typed(sec: dict, section: str, where: str, types: dict[str, str]) -> dict[str, Any]:
+    """`sec`'s values checked against `types` (int / number / str / bool / int?): one-line
+    errors naming `section.key`; a null value is the default (left out)."""
+    out: dict[str, Any] = {}
+    for key, value in sec.items():
+        if value is None:
+            continue
+        kind, at = types[key], f"{section}.{key}"
+        if kind == "int":
+            out[key] = _int(value, at, where, 0)
+        elif kind == "number":
+            out[key] = _number(value, at, where)
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise JobSpecError(f"{where}: {at} must be true or false, got {_show(value)}")
+            out[key] = value
+        elif not isinstance(value, str) or not value.strip():
+            raise JobSpecError(f"{where}: {at} must be a non-empty string, got {_show(value)}")
+        else:
+            out[key] = value
+    return out
+
+
+#: The `images` section: `curation.flows.fetch.FetchOptions` fields (checked there as well).
+IMAGES_TYPES = {
+    "processes": "int", "threads": "int", "timeout": "number", "retries": "int",
+    "max_image_area": "int", "samples_per_shard": "int", "resize_mode": "str",
+    "image_size": "int", "distributor": "str",
+}  # fmt: skip
+#: `FetchOptions`' choices, repeated here so that a spec is checked without importing flows.
+FETCH_DISTRIBUTORS = ("ray", "multiprocessing")
+FETCH_RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+#: The `train` section: TrainConfig fields a job may set (`scale`: a DataComp preset), plus
+#: `shards` (the webdataset tars holding the images).
+TRAIN_TYPES = {
+    "scale": "str", "model": "str", "pretrained": "str", "batch_size": "int", "lr": "number",
+    "warmup": "int", "samples_seen": "int", "beta2": "number", "grad_clip_norm": "number",
+    "precision": "str", "loss": "str", "device": "str", "num_workers": "int",
+    "cpus_per_worker": "int", "loader_workers": "int", "shuffle_buffer": "int",
+    "checkpoint_every": "int", "log_every": "int", "compile": "bool",
+    "grad_checkpointing": "bool", "max_failures": "int", "balance": "str", "t": "number",
+    "tail_proportion": "number", "seed": "int",
+}  # fmt: skip
+#: Largest training seed (torch takes a signed 64-bit seed).
+MAX_TRAIN_SEED = 2**63 - 1
+EVAL_DEVICES = ("auto", "cpu", "cuda")
+
+
+def _images(spec: dict, where: str, pool: bool) -> dict[str, Any]:
+    if pool:
+        raise JobSpecError(
+            f"{where}: 'images' fetches a raw-shard job's curated images; a pool's images are "
+            "its webdataset shards: name them in train.shards instead"
+        )
+    sec = _typed(_section(spec, "images", set(IMAGES_TYPES), where), "images", where, IMAGES_TYPES)
+    for key in ("processes", "threads", "max_image_area", "samples_per_shard", "image_size"):
+        if key in sec and sec[key] < 1:
+            raise JobSpecError(f"{where}: images.{key} must be at least 1, got {sec[key]}")
+    if "timeout" in sec and not sec["timeout"] > 0:
+        raise JobSpecError(f"{where}: images.timeout must be > 0 seconds, got {sec['timeout']}")
+    for key, choices in (("resize_mode", FETCH_RESIZE_MODES), ("distributor", FETCH_DISTRIBUTORS)):
+        if key in sec and sec[key] not in choices:
+            raise JobSpecError(f"{where}: images.{key} must be one of {choices}, got {sec[key]!r}")
+    return sec
+
+
+def _train(
+    spec: dict,
+    where: str,
+    *,
+    seed: int,
+    pool: bool,
+    images: bool,
+    balance: tuple[Any, Any] | None,
+    when: str | None,
+) -> TrainSpec:
+    """The `train` section, checked by resolving a TrainConfig from it (placeholder paths)."""
+    sec = _section(spec, "train", set(TRAIN_TYPES) | {"shards"}, where)
+    shards = _paths(sec["shards"], "train.shards", where) if sec.get("shards") else []
+    params = _typed({k: v for k, v in sec.items() if k != "shards"}, "train", where, TRAIN_TYPES)
+    scale = params.pop("scale", None)
+    if scale is not None and scale not in SCALES:
+        raise JobSpecError(f"{where}: train.scale must be one of {list(SCALES)}, got {scale!r}")
+    if pool and not shards:
+        raise JobSpecError(
+            f"{where}: train.shards is required for a pool job: the webdataset tars holding the "
+            "pool's images (DataComp's shards/ folder beside metadata/)"
+        )
+    if not pool and not shards and not images:
+        raise JobSpecError(
+            f"{where}: 'train' needs the curated images: add an 'images' section (fetches them "
+            "into OUT/images) or give train.shards (webdataset tars with them)"
+        )
+    if shards and images:
+        raise JobSpecError(
+            f"{where}: give train.shards or an 'images' section (which fetches the images to "
+            "train on), not both"
+        )
+    params.setdefault("seed", seed)
+    if params["seed"] > MAX_TRAIN_SEED:
+        raise JobSpecError(
+            f"{where}: train.seed must be at most 2**63 - 1 (the job's seed is the default); "
+            f"got {_show(params['seed'])}"
+        )
+    if "beta2" in params and not 0 <= params["beta2"] < 1:
+        raise JobSpecError(f"{where}: train.beta2 must be in [0, 1), got {params['beta2']!r}")
+    mode = params.get("balance")
+    if mode is not None and mode != "online":
+        raise JobSpecError(
+            f"{where}: train.balance must be 'online' (re-balance each pass), got {mode!r}"
+        )
+    online = {}
+    if mode == "online":
+        if balance is None:
+            raise JobSpecError(
+                f"{where}: train.balance: online re-balances with the job's own match output "
+                "and entry counts: the job needs 'metadata' and 'balance'"
+            )
+        if when == "before":
+            raise JobSpecError(
+                f"{where}: train.balance: online trains on the rows that were matched, with "
+                "the filters applied first: it needs balance.when: after, not before"
+            )
+        if images:
+            raise JobSpecError(
+                f"{where}: train.balance: online needs the images of the whole ingested pool "
+                "(train.shards); 'images' fetches only the offline-balanced subset"
+            )
+        if "t" not in params and "tail_proportion" not in params:
+            t, p = balance
+            params.update({"t": float(t)} if t is not None else {"tail_proportion": float(p)})
+        online = {"matched": "<OUT/match>", "counts": "<OUT/counts/entry_counts.parquet>"}
+    elif "t" in params or "tail_proportion" in params:
+        raise JobSpecError(
+            f"{where}: train.t / train.tail_proportion apply only with train.balance: online"
+        )
+    loaders = params.get("loader_workers", 2)
+    check = {
+        "shards": ("<train.shards>",),
+        "out": "<OUT/train>",
+        "num_workers": params.get("num_workers", 1),
+        "cpus_per_worker": params.get("cpus_per_worker", 1 + loaders),
+        **{k: v for k, v in params.items() if k not in ("num_workers", "cpus_per_worker")},
+        **online,
+    }
+    try:
+        resolve(scale, check)
+    except (ValueError, TypeError) as exc:
+        msg = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: "train." + m[1].replace("-", "_"), str(exc))
+        raise JobSpecError(f"{where}: {msg}") from None
+    return TrainSpec(shards=shards, scale=scale, params=params)
+
+
+def _eval(spec: dict, where: str) -> EvalSpec:
+    sec = _section(spec, "eval", {"tasks", "batch_size", "device"}, where)
+    if not sec.get("tasks"):
+        raise JobSpecError(
+            f"{where}: eval.tasks must list CLIP_benchmark-layout task folders (any fsspec URL)"
+        )
+    tasks = _paths(sec["tasks"], "eval.tasks", where)
+    batch = _int(sec.get("batch_size", 256), "eval.batch_size", where, 1)
+    device = sec.get("device", "auto")
+    if not isinstance(device, str) or not (
+        device in EVAL_DEVICES or re.fullmatch(r"cuda:\d+", device)
+    ):
+        raise JobSpecError(f"{where}: eval.device must be auto, cpu or cuda[:N], got {device!r}")
+    return EvalSpec(tasks=tasks, batch_size=batch, device=device)
 
 
 def _filters(spec: dict, where: str) -> FilterSpec:

@@ -248,12 +248,19 @@ def ship_assets(stage: Stage) -> dict[str, tuple[Any, Any]]:
     `core.assets.max_asset_bytes()` is refused with a ValueError. The stage keeps its driver
     paths (its fingerprint is unchanged); workers switch to local copies in `_use_assets`.
     """
+    return ship_files(stage.assets())
+
+
+def ship_files(files: dict[str, str | None]) -> dict[str, tuple[Any, Any]]:
+    """`ship_assets` for named files that are not a stage's (a checkpoint `curation eval`
+    loads): {name: (AssetBlob, ObjectRef)}, empty on a one-node cluster (by default); a worker
+    gets its local copies with `local_files`."""
     from curation.core.assets import is_shared, local_path, read_asset
 
     mode = _ship_mode()
     if mode == "never":
         return {}
-    local = {k: u for k, u in stage.assets().items() if u and not is_shared(u)}
+    local = {k: u for k, u in files.items() if u and not is_shared(u)}
     local = {k: u for k, u in local.items() if os.path.isfile(local_path(u))}
     if not local:
         return {}
@@ -274,21 +281,26 @@ def ship_assets(stage: Stage) -> dict[str, tuple[Any, Any]]:
     return out
 
 
-def _use_assets(stage: Stage, shipment: dict[str, tuple[Any, Any]] | None) -> None:
-    """In a worker: the shipped assets written once into this node's cache
-    (`core.assets.materialize`) and the stage switched to those copies."""
+def local_files(shipment: dict[str, tuple[Any, Any]] | None) -> dict[str, str]:
+    """In a worker: {name: local path} of the shipped files, each written once into this
+    node's cache (`core.assets.materialize`); empty when nothing was shipped."""
     if not shipment:
-        return
+        return {}
     import ray
 
     from curation.core.assets import materialize
 
-    stage.use_assets(
-        {
-            name: materialize(blob, lambda ref=ref: ray.get(ref))
-            for name, (blob, ref) in shipment.items()
-        }
-    )
+    return {
+        name: materialize(blob, lambda ref=ref: ray.get(ref))
+        for name, (blob, ref) in shipment.items()
+    }
+
+
+def _use_assets(stage: Stage, shipment: dict[str, tuple[Any, Any]] | None) -> None:
+    """In a worker: the shipped assets written once into this node's cache
+    (`core.assets.materialize`) and the stage switched to those copies."""
+    if shipment:
+        stage.use_assets(local_files(shipment))
 
 
 def _set_up(box: list[Any]) -> Stage:
@@ -528,10 +540,14 @@ def sum_over_shards(
 
 
 def map_shards(
-    fn: Callable[..., Any], shards: Sequence[Any], *args: Any, num_gpus: float = 0
+    fn: Callable[..., Any],
+    shards: Sequence[Any],
+    *args: Any,
+    num_gpus: float = 0,
+    progress: str | None = None,
 ) -> list[Any]:
     """[fn(shard, *args)] computed by Ray tasks (results in shard order), I/O errors retried;
-    each task holds one CPU and `num_gpus` GPUs."""
+    each task holds one CPU and `num_gpus` GPUs. `progress`: the name of a bar of tasks done."""
     import ray
 
     remote = ray.remote(
@@ -540,6 +556,17 @@ def map_shards(
     fn_ref = ray.put(fn)
     arg_refs = [ray.put(a) for a in args]
     refs = [remote.remote(fn_ref, s, *arg_refs) for s in shards]
+    if progress is None:
+        return ray.get(refs)
+    bar = Progress(progress, len(refs), 0, enabled=True)
+    try:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)  # a failed task raises here, as soon as it fails
+            bar.shard_done({})
+    finally:
+        bar.close()
     return ray.get(refs)
 
 
@@ -662,8 +689,9 @@ class Progress:
         self.rows += int(c.get("rows_written", c.get("pairs", 0)))
         if self.bar is not None:
             self.bar.update(1)
-            rate = self.rows / max(time.time() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"rows={self.rows:,} rows/s={rate:,.0f}")
+            if self.rows:  # tasks that write no rows (evaluation) show the count alone
+                rate = self.rows / max(time.time() - self.start, 1e-9)
+                self.bar.set_postfix_str(f"rows={self.rows:,} rows/s={rate:,.0f}")
 
     def close(self) -> None:
         if self.bar is not None:

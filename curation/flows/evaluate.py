@@ -10,7 +10,8 @@ A model is
 Each task folder (`curation.train.eval_tasks`) is evaluated by one Ray task (holding a GPU when
 the cluster has one and the device allows it); the results JSON holds every task's metrics and
 the averages (acc1 over classification tasks, mean recall over retrieval tasks). It is written
-atomically.
+atomically. A progress bar counts the tasks done; on a multi-node cluster the driver-local
+checkpoint is shipped to the workers (`executor.runner.ship_files`).
 """
 
 from __future__ import annotations
@@ -74,12 +75,23 @@ def resolve_model(
     return {"model": arch, "checkpoint": checkpoint, "pretrained": pretrained}
 
 
-def run_task(task_url: str, model: dict[str, Any], device: str, batch_size: int) -> dict[str, Any]:
-    """One task folder with the model (loaded here): its result dict."""
+def run_task(
+    task_url: str,
+    model: dict[str, Any],
+    device: str,
+    batch_size: int,
+    shipment: dict[str, tuple[Any, Any]] | None = None,
+) -> dict[str, Any]:
+    """One task folder with the model (loaded here): its result dict. `shipment`: the
+    checkpoint as `executor.runner.ship_files` shipped it (a copy is opened on this node)."""
     from curation.stages.score import ClipScorer
     from curation.train.eval_tasks import evaluate_task, load_task
 
     t0 = time.time()
+    if shipment:
+        from curation.executor.runner import local_files
+
+        model = {**model, "checkpoint": local_files(shipment)["checkpoint"]}
     task = load_task(task_url)
     scorer = ClipScorer(
         model["model"],
@@ -123,9 +135,15 @@ def evaluate_command(
     *,
     device: str = "auto",
     batch_size: int = 256,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate every task folder as a Ray task; writes `out` (JSON) and returns it."""
-    from curation.executor.runner import cluster_resources, map_shards
+    """Evaluate every task folder as a Ray task; writes `out` (JSON) and returns it.
+
+    The checkpoint is a file on the driver's disk: on a cluster of several nodes it is read
+    once and shipped through the object store like a stage's assets (`ship_files`), and each
+    node's tasks open their local copy; a one-node run copies nothing.
+    """
+    from curation.executor.runner import cluster_resources, map_shards, ship_files
     from curation.train.eval_tasks import load_task
 
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
@@ -141,8 +159,16 @@ def evaluate_command(
         raise ValueError(f"device {device!r} asked for, but the Ray cluster has no GPU")
     task_device = ("cuda" if device == "auto" else device) if gpus else "cpu"
     t0 = time.time()
+    shipment = ship_files({"checkpoint": model["checkpoint"]}) if model["checkpoint"] else {}
     results = map_shards(
-        run_task, list(tasks), model, task_device, batch_size, num_gpus=1 if gpus else 0
+        run_task,
+        list(tasks),
+        model,
+        task_device,
+        batch_size,
+        shipment or None,
+        num_gpus=1 if gpus else 0,
+        progress="eval" if progress else None,
     )
     doc = summarize(model, results)
     doc["device"] = task_device

@@ -43,7 +43,9 @@ def run_pool_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool
     → count → balance, then filter the balanced rows (global thresholds are fitted on them;
     `.npz` embeddings are found by `pool_row`). The last stage's folder is the curated subset,
     with DataComp's uid file `OUT/uids.npy` when every uid is 32 hex digits. Filters, their
-    files and the pool's columns are checked before any work.
+    files and the pool's columns are checked before any work. With neither filters nor
+    balance (a job that only trains: DataComp's no-filtering baseline) nothing is curated and
+    `outputs.curated` is None.
     """
     urls = datacomp.list_shards(spec.pool)
     if not urls:
@@ -141,8 +143,11 @@ def run_pool_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool
     if filt is not None and spec.balance_when == "before":
         up = run_filters(parts_of(final), {s.name: s.input for s in shards}, up)
         final = fsio.join(out, "filter")
-    if final is None:  # pragma: no cover - parse_job refuses a pool job with neither
-        raise ValueError("a pool job needs filters, balance or both")
+    if final is None:  # no filters, no balance: `train` on the whole pool (no subset)
+        manifest["quarantined"] = write_quarantine(out, stage_markers)
+        manifest["outputs"] = {"curated": None, "uids": None}
+        fsio.atomic_write_json(fsio.join(out, "manifest.json"), redact(manifest))
+        return manifest
     uid_info = write_uid_file(out, final, parts_of(final))
     manifest["quarantined"] = write_quarantine(out, stage_markers)
     manifest["outputs"] = {"curated": final, **uid_info}
@@ -158,6 +163,11 @@ def run_pool_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool
 def run_summary(manifest: dict[str, Any], out: str) -> str:
     """The lines `curation run` prints for a finished pool job."""
     st = manifest["stages"]
+    if not manifest["flow"]:
+        return (
+            f"{manifest['job']['name']}: pool of {len(manifest['inputs'])} shards, no filters "
+            f"or balancing (the whole pool)\n  manifest: {out}/manifest.json"
+        )
     first = st[manifest["flow"][0]]
     parts = [f"pool {first['rows_read']:,}"]
     for stage in manifest["flow"]:

@@ -219,6 +219,12 @@ def _online_pass_stats(
 def train_command(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; writes OUT and returns the manifest's body."""
     t0 = time.time()
+    # Ray Train workers do not run in the driver's working directory: relative local paths
+    # (-o out/train, --subset, --pretrained, ...) are made absolute here
+    cfg = dataclasses.replace(
+        cfg, **{k: _absolute(getattr(cfg, k)) for k in ("out", "subset", "matched", "counts",
+                                                       "pretrained")}
+    )  # fmt: skip
     check_output_location(cfg.out)
     with OutputLease(cfg.out):
         plan = plan_training(cfg)
@@ -301,6 +307,11 @@ def train_command(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         }
         fsio.atomic_write_json(fsio.join(cfg.out, "manifest.json"), redact(manifest))
         return manifest
+
+
+def _absolute(url: str | None) -> str | None:
+    """A local path made absolute (a URL of a store as it is)."""
+    return None if not url else fsio.full_url(*fsio.url_to_fs(url))
 
 
 def _versions() -> dict[str, str]:

@@ -98,3 +98,112 @@ def write_report(
     lines += ["", "![entry counts](entry_counts.png)", ""]
     fsio.atomic_write_bytes(fsio.join(rdir, "summary.md"), "\n".join(lines).encode())
     return summary
+
+
+#: The heading of the training section `write_job_report` adds to summary.md (and replaces).
+TRAIN_HEADING = "## Recipe, training and evaluation"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+def job_report_lines(
+    recipe: dict[str, Any],
+    train: dict[str, Any],
+    evaluation: dict[str, Any] | None,
+    curve: str | None,
+) -> list[str]:
+    """The markdown of a job's recipe, subset, training run and zero-shot scores."""
+    h, r, d = train["hyperparameters"], train["result"], train["data"]
+    bal = recipe.get("balance")
+    subset = d.get("subset") or {}
+    if recipe.get("online"):
+        data = "online MetaCLIP balancing each pass over the rows balancing started from"
+    elif recipe.get("subset_rows") is not None:
+        data = f"the curated subset, {recipe['subset_rows']:,} rows"
+    else:
+        data = "the whole pool (no filtering)"
+    lines = [
+        TRAIN_HEADING,
+        "",
+        "| recipe | |",
+        "|---|---|",
+        f"| job | {recipe['name']} |",
+    ]
+    if recipe.get("paper"):
+        lines.append(f"| paper | {recipe['paper']} |")
+    lines += [
+        f"| filters | {recipe.get('filters') or 'none'} |",
+        "| balance | "
+        + (
+            f"t = {bal['t']:,.0f}, p = {bal['tail_proportion']:.4f}"
+            + (f", {bal['when']} the filters" if bal.get("when") else "")
+            if bal
+            else "none"
+        )
+        + " |",
+        f"| flow | {' → '.join(recipe.get('flow') or []) or 'none'} |",
+        f"| pool rows | {_fmt(recipe.get('pool_rows')) or 'not counted'} |",
+        f"| trained on | {data} |",
+        f"| samples per pass | {_fmt(d.get('samples_per_pass'))} images in the training shards"
+        + (f" (subset of {_fmt(subset.get('uids'))} uids)" if subset else "")
+        + " |",
+        "",
+        "| training | |",
+        "|---|---|",
+        f"| model | {h['model']}" + (f" (scale {h['scale']})" if h.get("scale") else "") + " |",
+        f"| batch size | {_fmt(h['batch_size'])} |",
+        f"| learning rate | {h['lr']:g} (warmup {_fmt(h['warmup'])} steps) |",
+        f"| samples seen | {_fmt(r['samples_seen'])} of {_fmt(h['samples_seen'])} |",
+        f"| steps | {_fmt(r['steps'])} / {_fmt(r['total_steps'])} |",
+        f"| final loss | {_fmt(r['final_loss'])} |",
+        f"| device | {r['device']} x {r['world_size']}, {r['precision']} |",
+        f"| model file | {r['model']} |",
+        "",
+    ]
+    if curve:
+        lines += [f"![training loss]({curve})", ""]
+    if evaluation:
+        lines += [
+            "| task | kind | images | acc1 | acc5 | mean recall |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for t in evaluation["tasks"]:
+            m = t["metrics"]
+            lines.append(
+                f"| {t['task']} | {t['kind']} | {_fmt(t.get('images'))} | "
+                f"{_fmt(m.get('acc1'))} | {_fmt(m.get('acc5'))} | {_fmt(m.get('mean_recall'))} |"
+            )
+        a = evaluation["average"]
+        lines.append(
+            f"| **average** | {a['classification_tasks']} classification, "
+            f"{a['retrieval_tasks']} retrieval | | {_fmt(a['classification_acc1'])} | | "
+            f"{_fmt(a['retrieval_mean_recall'])} |"
+        )
+        lines.append("")
+    return lines
+
+
+def write_job_report(
+    out: str,
+    recipe: dict[str, Any],
+    train: dict[str, Any],
+    evaluation: dict[str, Any] | None,
+    curve: str | None = None,
+) -> str:
+    """Add (or replace) the training section of OUT/report/summary.md, creating the file for a
+    job that does not balance; returns its URL. `curve`: a PNG beside it (`loss_curve.png`)."""
+    url = fsio.join(out, "report", "summary.md")
+    head = "# Curation report\n"
+    if fsio.exists(url):
+        fs, path = fsio.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            head = f.read().decode().split(TRAIN_HEADING, 1)[0]
+    body = "\n".join(job_report_lines(recipe, train, evaluation, curve))
+    fsio.atomic_write_bytes(url, (head.rstrip("\n") + "\n\n" + body).encode())
+    return url

@@ -147,6 +147,15 @@ def classification_metrics(logits: np.ndarray, target: np.ndarray) -> dict[str, 
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(np.mean(recalls))}
 
 
+def per_class_recall(logits: np.ndarray, target: np.ndarray, classes: int) -> list[float | None]:
+    """Top-1 recall of each class index in [0, classes) (None for a class without images)."""
+    pred = np.argsort(-np.asarray(logits, dtype=np.float32), axis=1, kind="stable")[:, 0]
+    target = np.asarray(target, dtype=np.int64)
+    total = np.bincount(target, minlength=classes)
+    hit = np.bincount(target[pred == target], minlength=classes)
+    return [float(h / t) if t else None for h, t in zip(hit.tolist(), total.tolist(), strict=True)]
+
+
 def retrieval_metrics(
     image_emb: np.ndarray,
     text_emb: np.ndarray,
@@ -256,7 +265,9 @@ def evaluate_task(
                 progress(len(px))
         if not images:
             raise ValueError(f"eval task {task.url}: no decodable images")
-        metrics = classification_metrics(np.concatenate(logits), np.asarray(labels))
+        logits_all, target = np.concatenate(logits), np.asarray(labels)
+        metrics = classification_metrics(logits_all, target)
+        per_class = per_class_recall(logits_all, target, len(task.classnames))
         classes: int | None = len(task.classnames)
     else:
         img_parts, txt_parts = [], []
@@ -273,6 +284,7 @@ def evaluate_task(
             raise ValueError(f"eval task {task.url}: no decodable images")
         metrics = retrieval_metrics(np.concatenate(img_parts), np.concatenate(txt_parts), owner)
         classes = None
+        per_class = None
     texts = len(owner) if task.kind == "retrieval" else None
     return {
         "task": task.name,
@@ -282,4 +294,5 @@ def evaluate_task(
         "images": images,
         "classes": classes,
         "texts": texts,
+        "per_class_recall": per_class,
     }

@@ -13,6 +13,7 @@ from curation.train.eval_tasks import (
     classifier_weights,
     evaluate_task,
     load_task,
+    per_class_recall,
     retrieval_metrics,
 )
 
@@ -87,6 +88,19 @@ def test_classification_few_classes_topk_capped() -> None:
     assert got["acc5"] == pytest.approx(1.0)  # k = 3 classes
     # recall of class 2: 0/1, class 1: 0/2 -> 0
     assert got["mean_per_class_recall"] == 0.0
+
+
+def test_per_class_recall_matches_mean_per_class_recall() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 7)).astype(np.float32)
+    target = rng.integers(0, 6, 200)  # class 6 has no image
+    logits[np.arange(200)[:100], target[:100]] += 3.0
+    per = per_class_recall(logits, target, 7)
+    assert per[6] is None and len(per) == 7
+    pred = logits.argmax(1)
+    assert per[:6] == [float((pred[target == c] == c).mean()) for c in range(6)]
+    got = classification_metrics(logits, target)["mean_per_class_recall"]
+    assert got == pytest.approx(np.mean(per[:6]))
 
 
 def test_retrieval_hand_made_multi_caption() -> None:

@@ -9,11 +9,13 @@ import pytest
 import yaml
 
 from curation.config.job import (
+    EvalSpec,
     FilterSpec,
     FilterStep,
     JobSpec,
     JobSpecError,
     SynthInput,
+    TrainSpec,
     load_job,
     parse_job,
 )
@@ -57,7 +59,7 @@ def test_shipped_jobs_load(path):
     assert job.name == path.stem
     assert sum(map(bool, (job.paths, job.synth, job.pool))) == 1
     if job.pool:
-        assert job.filters is not None or job.balance
+        assert job.filters is not None or job.balance or job.train is not None
         assert path.read_text().startswith("# "), "a shipped job says what it reproduces"
     else:
         assert job.balance
@@ -388,3 +390,141 @@ POOL_BAD = {
 @pytest.mark.parametrize("case", sorted(POOL_BAD))
 def test_bad_pool_spec_names_the_key(case):
     check_names_the_key(*POOL_BAD[case])
+
+
+# -- train / eval / images sections -----------------------------------------------------------------
+TRAIN = {"shards": "pool/shards/", "model": "curation-tiny-vit", "batch_size": 32,
+         "samples_seen": 256}  # fmt: skip
+
+
+def train_spec(train=None, **changes) -> dict:
+    s = pool_spec(balance={"t": 20, "when": "after"}, **changes)
+    s["train"] = dict(TRAIN, **(train or {}))
+    return s
+
+
+def test_datacomp_small_jobs_differ_only_in_the_filter():
+    small = {p.stem: load_job(str(p)) for p in JOBS if p.stem.startswith("datacomp_small_")}
+    assert sorted(small) == sorted(
+        f"datacomp_small_{k}"
+        for k in ("no_filter", "basic", "text_based", "image_based", "laion",
+                  "clip_score_l14_30", "image_based_clip_l14_30")
+    )  # fmt: skip
+    for name, job in small.items():
+        assert job.train == TrainSpec(
+            shards=["s3://YOUR-BUCKET/datacomp/small/shards/"], scale="small", params={"seed": 0}
+        ), name
+        assert len(job.eval.tasks) == 38 and len(set(job.eval.tasks)) == 38, name
+        assert job.pool == ["s3://YOUR-BUCKET/datacomp/small/metadata/"] and not job.balance
+    assert small["datacomp_small_no_filter"].filters is None
+    baselines = {n: [s.baseline for s in j.filters.steps] for n, j in small.items() if j.filters}
+    assert baselines == {
+        "datacomp_small_basic": ["basic_filter"],
+        "datacomp_small_text_based": ["text_based"],
+        "datacomp_small_image_based": ["image_based"],
+        "datacomp_small_laion": ["laion2b"],
+        "datacomp_small_clip_score_l14_30": ["clip_score"],
+        "datacomp_small_image_based_clip_l14_30": ["image_based", "clip_score"],
+    }
+    l14 = small["datacomp_small_clip_score_l14_30"].filters.steps[0].params
+    assert l14["score_column"] == "clip_l14_similarity_score" and l14["fraction"] == 0.3
+
+
+def test_parse_train_and_eval_sections():
+    s = train_spec({"scale": "small", "lr": 1e-3, "compile": True, "balance": "online"})
+    s["eval"] = {"tasks": "tasks/cifar10", "batch_size": 64, "device": "cuda:1"}
+    job = parse_job(s)
+    assert job.train.shards == ["pool/shards/"] and job.train.scale == "small"
+    assert job.train.online and job.train.params["t"] == 20.0  # the job's balance.t
+    assert job.train.params["seed"] == 0 and job.train.params["compile"] is True
+    assert job.eval == EvalSpec(tasks=["tasks/cifar10"], batch_size=64, device="cuda:1")
+    assert job.to_dict()["train"]["params"]["lr"] == 1e-3
+    # DataComp's no-filtering baseline: a pool job that only trains
+    nf = pool_spec(filters=_DELETE, balance=_DELETE, metadata=_DELETE, train=dict(TRAIN))
+    job = parse_job(nf)
+    assert job.filters is None and not job.balance and job.train.params["seed"] == 0
+    # a raw-shard job fetches its curated images
+    raw = spec(images={"threads": 8, "resize_mode": "center_crop", "image_size": 64})
+    raw["train"] = {"batch_size": 32, "samples_seen": 64, "seed": 9}
+    job = parse_job(raw)
+    assert job.images == {"threads": 8, "resize_mode": "center_crop", "image_size": 64}
+    assert job.train.shards == [] and job.train.params["seed"] == 9
+
+
+def test_images_section_matches_fetch_options():
+    """The spec's copy of FetchOptions' fields and choices stays in step with fetch.py."""
+    import dataclasses
+
+    from curation.config import job
+    from curation.flows import fetch
+
+    assert set(job.IMAGES_TYPES) == {f.name for f in dataclasses.fields(fetch.FetchOptions)}
+    assert job.FETCH_DISTRIBUTORS == fetch.DISTRIBUTORS
+    assert job.FETCH_RESIZE_MODES == fetch.RESIZE_MODES
+
+
+TRAIN_BAD = {
+    "unknown_train_key": (train_spec({"epochs": 3}), "unknown key(s) ['epochs'] in 'train'"),
+    "pool_without_shards": (train_spec({"shards": None}), "train.shards is required"),
+    "shards_not_paths": (train_spec({"shards": [1]}), "train.shards must be a path"),
+    "bad_scale": (train_spec({"scale": "huge"}), "train.scale must be one of"),
+    "batch_not_int": (train_spec({"batch_size": "32"}), "'train.batch_size' must be an integer"),
+    "lr_string": (train_spec({"lr": "1e-3"}), "train.lr must be a finite number"),
+    "lr_zero": (train_spec({"lr": 0}), "train.lr must be > 0"),
+    "compile_not_bool": (train_spec({"compile": "yes"}), "train.compile must be true or false"),
+    "bad_precision": (train_spec({"precision": "fp16"}), "train.precision must be one of"),
+    "bf16_on_cpu": (train_spec({"precision": "bf16", "device": "cpu"}), "train.precision bf16"),
+    "samples_below_batch": (
+        train_spec({"samples_seen": 16}),
+        "train.samples_seen 16 is less than one batch",
+    ),
+    "batch_not_divisible": (
+        train_spec({"num_workers": 3}),
+        "train.batch_size 32 is not divisible by train.num_workers 3",
+    ),
+    "beta2_out_of_range": (train_spec({"beta2": 1.0}), "train.beta2 must be in [0, 1)"),
+    "seed_too_large": (train_spec({"seed": 2**63}), "train.seed must be at most"),
+    "bad_balance_mode": (train_spec({"balance": "offline"}), "train.balance must be 'online'"),
+    "t_without_online": (train_spec({"t": 5}), "apply only with train.balance: online"),
+    "online_without_job_balance": (
+        pool_spec(balance=_DELETE, metadata=_DELETE, train=dict(TRAIN, balance="online")),
+        "the job needs 'metadata' and 'balance'",
+    ),
+    "online_with_balance_before": (
+        pool_spec(train=dict(TRAIN, balance="online")),
+        "balance.when: after",
+    ),
+    "online_both_t_and_p": (
+        train_spec({"balance": "online", "t": 5, "tail_proportion": 0.2}),
+        "exactly one of train.t and train.tail_proportion",
+    ),
+    "raw_job_without_images": (
+        dict(spec(), train={"batch_size": 32, "samples_seen": 64}),
+        "add an 'images' section",
+    ),
+    "raw_job_images_and_shards": (
+        dict(spec(), images={}, train={"shards": "s/", "samples_seen": 512}),
+        "not both",
+    ),
+    "raw_job_online_with_images": (
+        dict(spec(), images={}, train={"balance": "online", "samples_seen": 512}),
+        "offline-balanced subset",
+    ),
+    "images_on_pool_job": (dict(train_spec(), images={}), "name them in train.shards"),
+    "images_bad_resize_mode": (
+        dict(spec(), images={"resize_mode": "stretch"}),
+        "images.resize_mode must be one of",
+    ),
+    "images_zero_threads": (dict(spec(), images={"threads": 0}), "images.threads"),
+    "images_unknown_key": (dict(spec(), images={"thread": 4}), "in 'images'"),
+    "eval_without_train": (dict(spec(), eval={"tasks": ["t/"]}), "add a 'train' section"),
+    "eval_without_tasks": (dict(train_spec(), eval={"batch_size": 4}), "eval.tasks must list"),
+    "eval_bad_device": (dict(train_spec(), eval={"tasks": ["t"], "device": "tpu"}), "eval.device"),
+    "eval_zero_batch": (dict(train_spec(), eval={"tasks": ["t"], "batch_size": 0}), "eval.batch"),
+    "eval_unknown_key": (dict(train_spec(), eval={"tasks": ["t"], "top_k": 5}), "in 'eval'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_BAD))
+def test_bad_train_eval_spec_says_what_to_fix(case):
+    check_names_the_key(*TRAIN_BAD[case])
