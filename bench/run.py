@@ -14,6 +14,8 @@
 8. Cluster scale (bench_scale.py, reduced sizes): planning + resume of 20k shards, input
    identities by listing vs per object on an S3 server (moto), driver peak RSS of count and
    a top-fraction filter at 1M vs 3M rows (flat: the driver holds O(shards)).
+9. Worldwide (bench_langid.py, bench_worldwide.py): language id rows/s on one core, and
+   langid + per-language matching vs English-only matching on the same texts.
 """
 
 from __future__ import annotations
@@ -138,6 +140,13 @@ def main() -> None:
         import bench_match
 
         bench_match.main()
+        print("== worldwide (MetaCLIP 2): language id and per-language matching (1 core) ==")
+        import bench_langid
+        import bench_worldwide
+
+        print(bench_langid.bench_langid())
+        for line in bench_worldwide.bench_worldwide():
+            print(line)
         print("== training: curation train vs open_clip_train.main (tiny model, CPU) ==")
         import bench_train
 

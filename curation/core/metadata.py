@@ -15,6 +15,7 @@ import atexit
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -205,6 +206,184 @@ def load_metadata(path: str, fmt: str | None = None, *, strict: bool = True) -> 
     validate_entries(entries, path, strict=strict)
     tup = tuple(entries)
     return Metadata(entries=tup, checksum=entries_checksum(tup), source=path)
+
+
+# -- per-language metadata sets (MetaCLIP 2 "worldwide") ----------------------------------------
+
+#: A metadata language code: the name of a `<lang>.json` file, or a value of the `lang` column.
+_LANG_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+@dataclass(frozen=True)
+class MetadataSet:
+    """One ordered entry list per metadata language (MetaCLIP 2's `data/metadata/<lang>.json`):
+    `languages[lang].entries[i]` is entry id `i` of that language. Languages are kept sorted by
+    code, so the set (and its checksum) does not depend on how a folder was listed."""
+
+    languages: dict[str, Metadata]
+    checksum: str
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.languages)
+
+    def __contains__(self, lang: object) -> bool:
+        return lang in self.languages
+
+    def __getitem__(self, lang: str) -> Metadata:
+        return self.languages[lang]
+
+    def sizes(self) -> dict[str, int]:
+        """Entries per language."""
+        return {k: len(v) for k, v in self.languages.items()}
+
+    def checksums(self) -> dict[str, str]:
+        """Checksum of each language's entry list (`entries_checksum`)."""
+        return {k: v.checksum for k, v in self.languages.items()}
+
+    def entries(self) -> dict[str, tuple[str, ...]]:
+        """Entry lists by language."""
+        return {k: v.entries for k, v in self.languages.items()}
+
+
+def metadata_set_checksum(checksums: dict[str, str]) -> str:
+    """sha256 over the (language, entries checksum) pairs sorted by language: the set's identity,
+    independent of file format and listing order."""
+    h = hashlib.sha256()
+    for lang in sorted(checksums):
+        h.update(f"{lang}\0{checksums[lang]}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _set_language(lang: object, source: str, where: str) -> str:
+    if not isinstance(lang, str) or not _LANG_CODE.fullmatch(lang):
+        raise MetadataError(
+            f"{source}: {where}: {lang!r} is not a language code (letters, digits, '_' or '-', "
+            "e.g. 'en', 'zh', 'other')"
+        )
+    return lang
+
+
+def _json_entries(data: bytes, source: str) -> list:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MetadataError(f"{source}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise MetadataError(f"{source}: JSON nested too deeply; expected a list") from None
+    if not isinstance(obj, list):
+        raise MetadataError(
+            f"{source}: expected a JSON list of strings (MetaCLIP 2's data/metadata/<lang>.json), "
+            f"got {type(obj).__name__}"
+        )
+    return obj
+
+
+def _build_set(per_lang: dict[str, list], source: str, strict: bool) -> MetadataSet:
+    if not per_lang:
+        raise MetadataError(f"{source}: no languages; expected <lang>.json files or lang rows")
+    folded: dict[str, str] = {}
+    for lang in per_lang:
+        prev = folded.setdefault(lang.lower(), lang)
+        if prev != lang:
+            raise MetadataError(
+                f"{source}: languages {prev!r} and {lang!r} differ only in case; keep one"
+            )
+    langs: dict[str, Metadata] = {}
+    for lang in sorted(per_lang):
+        entries = per_lang[lang]
+        where = f"{source} [{lang}]"
+        if not entries:
+            raise MetadataError(f"{where}: language {lang!r} has no entries; remove it")
+        validate_entries(entries, where, strict=strict)
+        tup = tuple(entries)
+        langs[lang] = Metadata(entries=tup, checksum=entries_checksum(tup), source=where)
+    checksum = metadata_set_checksum({k: v.checksum for k, v in langs.items()})
+    return MetadataSet(languages=langs, checksum=checksum, source=source)
+
+
+def resolve_metadata_set(path: str) -> str | os.PathLike | object:
+    """`bundled:<name>` -> the folder `curation/data/<name>/` of this process's installed copy
+    (an `importlib.resources` Traversable in a zipped install); anything else unchanged."""
+    if not path.startswith(BUNDLED_PREFIX):
+        return path
+    name = path[len(BUNDLED_PREFIX) :]
+    data = resources.files("curation") / "data"
+    ref = data / name
+    if not name or "/" in name or not ref.is_dir():
+        known = sorted(
+            e.name for e in data.iterdir() if e.is_dir() and e.name.startswith("metadata")
+        )
+        raise FileNotFoundError(
+            f"no bundled metadata set {path!r}; the package bundles: "
+            f"{', '.join(BUNDLED_PREFIX + n for n in known) or 'none'} "
+            "(or give a folder of <lang>.json files or a Parquet file with lang and entry columns)"
+        )
+    return os.fspath(ref) if isinstance(ref, os.PathLike) else ref
+
+
+def load_metadata_set(path: str, *, strict: bool = False) -> MetadataSet:
+    """Load per-language metadata: a folder of `<lang>.json` (MetaCLIP 2's `data/metadata/` as it
+    is: each a JSON list, entry id = index in its list; other files such as the `.pkl` automata
+    are ignored) or one Parquet file with `lang` and `entry` columns (a language's ids follow its
+    rows' order). `path` may be a local path, an fsspec URL or `bundled:<name>`.
+
+    Raises `FileNotFoundError` for a missing path, `MetadataError` for a bad file, a bad or
+    case-duplicated language code, an empty language, and empty or duplicate entries within a
+    language. `strict=False` (the default) accepts entries with surrounding whitespace and
+    Unicode NFC twins, which MetaCLIP 2's merged per-language lists may contain (see
+    `validate_entries`).
+    """
+    where = resolve_metadata_set(path)
+    per_lang: dict[str, list] = {}
+    if not isinstance(where, str | os.PathLike):  # a folder inside a zipped install
+        files = [(e.name, e.read_bytes) for e in where.iterdir() if e.name.endswith(".json")]
+        is_dir = True
+    else:
+        fs, fpath = url_to_fs(os.fspath(where))
+        if not fs.exists(fpath):
+            raise FileNotFoundError(f"metadata set {path!r} does not exist")
+        is_dir = fs.isdir(fpath)
+        files = []
+        if is_dir:
+            for p in sorted(fs.ls(fpath, detail=False)):
+                name = p.rstrip("/").rsplit("/", 1)[-1]
+                if name.endswith(".json") and not fs.isdir(p):
+                    files.append((name, lambda p=p: fs.cat_file(p)))
+    if is_dir:
+        for name, read in files:
+            lang = _set_language(name[: -len(".json")], path, f"file {name}")
+            per_lang[lang] = _json_entries(read(), f"{path}/{name}")
+        if not per_lang:
+            raise MetadataError(f"{path}: folder has no <lang>.json metadata files")
+        return _build_set(per_lang, path, strict)
+    import io
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(fs.cat_file(fpath)))
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise MetadataError(
+            f"{path}: not a Parquet file ({exc}); give a folder of <lang>.json files or a "
+            "Parquet file with lang and entry columns"
+        ) from exc
+    missing = [c for c in ("lang", "entry") if c not in table.column_names]
+    if missing:
+        raise MetadataError(f"{path}: Parquet metadata set needs columns lang and entry")
+    for col in ("lang", "entry"):
+        arr = table.column(col)
+        if arr.null_count:
+            first = pc.index(pc.is_null(arr), True).as_py()
+            raise MetadataError(f"{path}: row {first + 1} has a null {col}; remove it")
+    langs = table.column("lang").to_pylist()
+    entries = table.column("entry").to_pylist()
+    for lang, entry in zip(langs, entries, strict=True):
+        per_lang.setdefault(lang, []).append(entry)
+    for lang in per_lang:
+        _set_language(lang, path, "lang column")
+    return _build_set(per_lang, path, strict)
 
 
 def write_metadata_json(entries: list[str], path: str) -> None:

@@ -58,6 +58,10 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
     check_output_not_in_inputs(out, list(spec.pool or spec.paths) + extra, inputs_inside_out=True)
     _check_sections(spec, out, overwrite)  # one-line errors before any work
     flow = run_pool_job if spec.pool else run_metaclip_job
+    if getattr(spec, "langid", None) is not None:
+        from curation.flows.worldwide import run_worldwide_job
+
+        flow = run_worldwide_job
     manifest = flow(spec, out, overwrite=overwrite, progress=progress)
     if spec.images is None and spec.train is None:
         return manifest
@@ -79,6 +83,8 @@ def run_job(spec: Any, out: str, *, overwrite: bool = False, progress: bool = Tr
 def _check_sections(spec: Any, out: str, overwrite: bool) -> None:
     """The images options, the model name, an OUT/train of another training config and the
     eval task folders, checked up front."""
+    if spec.metadata is not None and not spec.pool:
+        _check_metadata_kind(spec)
     if spec.images is not None:
         from curation.flows.fetch import FetchOptions
 
@@ -86,7 +92,7 @@ def _check_sections(spec: Any, out: str, overwrite: bool) -> None:
     if spec.train is not None:
         from curation.flows.train import check_model
 
-        online = _online_data(out) if spec.train.online else {}
+        online = _online_data(out, spec) if spec.train.online else {}
         cfg = _config(spec, out, shards=spec.train.shards or [fsio.join(out, "images")], **online)
         check_model(cfg.model)
         if cfg.pretrained and not fsio.exists(cfg.pretrained):
@@ -98,6 +104,26 @@ def _check_sections(spec: Any, out: str, overwrite: bool) -> None:
 
         for t in spec.eval.tasks:
             load_task(t)
+
+
+def _check_metadata_kind(spec: Any) -> None:
+    """A worldwide job's metadata set, LID mapping and model load; an English job's metadata
+    is not a folder (a metadata set), checked before any work."""
+    if getattr(spec, "langid", None) is not None:
+        from curation.core.metadata import load_metadata_set
+        from curation.flows.worldwide import _model_identity
+        from curation.stages.langid import LangIdStage
+
+        load_metadata_set(spec.metadata)
+        LangIdStage(spec.langid.model, spec.langid.mapping)
+        _model_identity(spec.langid.model)
+    elif not spec.metadata.startswith("bundled:") and fsio.exists(spec.metadata):
+        fs, path = fsio.url_to_fs(spec.metadata)
+        if fs.isdir(path):
+            raise ValueError(
+                f"metadata {spec.metadata} is a folder (a per-language metadata set): a "
+                "worldwide job needs a 'langid' section; an English job names one file"
+            )
 
 
 #: TrainConfig fields that name the job's data (compared only once the curation has run).
@@ -161,11 +187,15 @@ def _fetch_images(
     return summary
 
 
-def _online_data(out: str) -> dict[str, str]:
-    """Online balancing's inputs: the job's own match output and entry counts."""
+def _online_data(out: str, spec: Any = None) -> dict[str, str]:
+    """Online balancing's inputs: the job's own match output and entry counts (a worldwide
+    job's per-language counts: `train.online.OnlineBalancer.load` tells them by `lang`)."""
+    worldwide = getattr(spec, "langid", None) is not None
     return {
         "matched": fsio.join(out, "match"),
-        "counts": fsio.join(out, "counts", "entry_counts.parquet"),
+        "counts": fsio.join(
+            out, "counts", "lang_counts.parquet" if worldwide else "entry_counts.parquet"
+        ),
     }
 
 
@@ -176,7 +206,7 @@ def _train_data(spec: Any, out: str, manifest: dict[str, Any]) -> dict[str, Any]
         return {"shards": [fsio.join(out, "images")]}
     data: dict[str, Any] = {"shards": list(spec.train.shards)}
     if spec.train.online:
-        data.update(_online_data(out))
+        data.update(_online_data(out, spec))
         if spec.filters is not None:  # balance.when is after: the rows balancing started from
             data["subset"] = fsio.join(out, "filter")
     elif o.get("curated"):
@@ -367,6 +397,15 @@ def job_summary(spec: Any, manifest: dict[str, Any], out: str) -> str:
             f"  curated:  {out}/balance/\n  manifest: {out}/manifest.json\n"
             f"  report:   {out}/report/summary.md, {out}/report/entry_counts.png"
         )
+        if getattr(spec, "langid", None) is not None:
+            langs = [r for r in manifest["languages"] if r["rows"]]
+            text = text.replace("(t = ", "(t_en = ").replace(
+                "entry_counts.png", "languages.png"
+            ) + (
+                f"\n  languages: {len(langs)} in the pool, "
+                f"{sum(r['rows'] for r in langs if r['rule'] == 'no_metadata'):,} rows without "
+                "metadata; per-language t in the manifest (languages)"
+            )
     return text + "".join(f"\n  {line}" for line in train_lines(manifest))
 
 

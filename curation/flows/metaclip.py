@@ -61,8 +61,9 @@ def synth_task(shard: Shard, stage_dir: str, params: dict) -> dict:
 
     index = int(shard.name.rsplit("-", 1)[-1])
     data, truth = generate_shard(
-        params["seed"], index, params["pairs_per_shard"], malformed_rate=params["malformed_rate"]
-    )
+        params["seed"], index, params["pairs_per_shard"], malformed_rate=params["malformed_rate"],
+        languages=params.get("languages", True),  # "worldwide" only in a worldwide synth job
+    )  # fmt: skip
     fsio.atomic_write_bytes(shard.input, data)
     stats = {
         "shard": shard.name,
@@ -155,19 +156,11 @@ def match(
         "script_aware": script_aware,
         **({"row_index": row_index} if row_index else {}),
     }
-    fp = {
-        "stage": "match",
-        "params": params,
-        "upstream": upstream,
-        "inputs": [] if upstream else inputs_fingerprint([s.input for s in shards]),
-    }
-    markers = run_stage(
-        stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress,
-        check_inputs=not upstream if check_inputs is None else check_inputs,
+    summary = run_part_stage(
+        "match", stage, shards, stage_dir, {"params": params}, upstream=upstream,
+        overwrite=overwrite, progress=progress, check_inputs=check_inputs,
     )  # fmt: skip
-    summary = summarize("match", markers)
     summary["metadata"] = {"path": metadata, "entries": len(md), "checksum": md.checksum}
-    summary["_markers"] = markers
     return summary
 
 
@@ -265,35 +258,62 @@ def balance(
     """Keep rows of every part of `inp` by MetaCLIP's rule with the global `counts`."""
     stage = Balancer(entry_probabilities(counts, t), seed)
     shards = parts_of(inp)
+    params = {"t": t, "seed": seed, "counts": fingerprint(counts.tolist())}
+    return run_part_stage(
+        "balance", stage, shards, stage_dir, params, upstream=upstream, overwrite=overwrite,
+        progress=progress,
+    )  # fmt: skip
+
+
+def run_part_stage(
+    name: str,
+    stage: Any,
+    shards: Sequence[Shard],
+    stage_dir: str,
+    params: dict[str, Any],
+    *,
+    upstream: str,
+    overwrite: bool,
+    progress: bool,
+    check_inputs: bool | None = None,
+    fingerprint_inputs: bool = True,
+) -> dict:
+    """Run a per-part `stage` over `shards` into `stage_dir`; its summary with `_markers`.
+
+    The fingerprint is `{"stage": name, **params, "upstream": ..., "inputs": ...}`: the input
+    files' identities only when there is no upstream fingerprint (and `fingerprint_inputs`).
+    Inputs are checked against their identities likewise unless `check_inputs` says."""
     fp = {
-        "stage": "balance",
-        "t": t,
-        "seed": seed,
+        "stage": name,
+        **params,
         "upstream": upstream,
-        "counts": fingerprint(counts.tolist()),
-        "inputs": [] if upstream else inputs_fingerprint([s.input for s in shards]),
+        "inputs": (
+            inputs_fingerprint([s.input for s in shards])
+            if fingerprint_inputs and not upstream
+            else []
+        ),
     }
     markers = run_stage(
         stage, shards, stage_dir, fp=fp, overwrite=overwrite, progress=progress,
-        check_inputs=not upstream,
+        check_inputs=not upstream if check_inputs is None else check_inputs,
     )  # fmt: skip
-    summary = summarize("balance", markers)
+    summary = summarize(name, markers)
     summary["_markers"] = markers
     return summary
 
 
-def run_metaclip_job(
-    spec: Any, out: str, *, overwrite: bool = False, progress: bool = True
-) -> dict:
-    """A job on raw shards: (synth →) ingest → match → count → balance → report → manifest.
-
-    Every stage resumes from its completion markers; a changed spec refuses to reuse old parts
-    unless `overwrite`. The manifest holds no timestamps, so same inputs ⇒ same bytes.
-    """
-    load_metadata(spec.metadata)  # fail before any work if the metadata is bad
+def synth_and_ingest(
+    spec: Any,
+    out: str,
+    manifest: dict[str, Any],
+    stage_markers: list[dict[str, dict]],
+    *,
+    overwrite: bool,
+    progress: bool,
+) -> str:
+    """(synth →) ingest of a raw-shard job into OUT/input and OUT/ingest: fills `manifest`
+    (stages.synth, inputs, stages.ingest) and `stage_markers`; returns the next upstream."""
     inputs = list(spec.paths)
-    manifest: dict[str, Any] = {"job": spec.to_dict(), "versions": versions(), "stages": {}}
-    stage_markers: list[dict[str, dict]] = []
     if spec.synth is not None:
         from curation.synth.wat import shard_file_name
 
@@ -307,6 +327,7 @@ def run_metaclip_job(
             "seed": s.seed,
             "pairs_per_shard": s.pairs_per_shard,
             "malformed_rate": s.malformed_rate,
+            **({"languages": s.languages} if getattr(s, "languages", None) else {}),
         }
         markers = run_tasks(
             "synth",
@@ -337,7 +358,23 @@ def run_metaclip_job(
     stage_markers.append(ing.pop("_markers"))
     manifest["inputs"] = ing.pop("inputs")
     manifest["stages"]["ingest"] = ing
-    up = fingerprint({"ingest": ing["counters"], "inputs": content_inputs(manifest["inputs"])})
+    return fingerprint({"ingest": ing["counters"], "inputs": content_inputs(manifest["inputs"])})
+
+
+def run_metaclip_job(
+    spec: Any, out: str, *, overwrite: bool = False, progress: bool = True
+) -> dict:
+    """A job on raw shards: (synth →) ingest → match → count → balance → report → manifest.
+
+    Every stage resumes from its completion markers; a changed spec refuses to reuse old parts
+    unless `overwrite`. The manifest holds no timestamps, so same inputs ⇒ same bytes.
+    """
+    load_metadata(spec.metadata)  # fail before any work if the metadata is bad
+    manifest: dict[str, Any] = {"job": spec.to_dict(), "versions": versions(), "stages": {}}
+    stage_markers: list[dict[str, dict]] = []
+    up = synth_and_ingest(
+        spec, out, manifest, stage_markers, overwrite=overwrite, progress=progress
+    )
 
     mt = match(
         fsio.join(out, "ingest"),

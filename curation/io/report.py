@@ -207,3 +207,67 @@ def write_job_report(
     body = "\n".join(job_report_lines(recipe, train, evaluation, curve))
     fsio.atomic_write_bytes(url, (head.rstrip("\n") + "\n\n" + body).encode())
     return url
+
+
+def plot_languages(rows: list[dict[str, Any]], path: str, top: int = 30) -> None:
+    """Bar chart of rows per language before and after balancing (MetaCLIP 2's language mix),
+    the `top` languages by rows, log scale; deterministic PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["rows"]][:top]
+    x = np.arange(len(shown))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(shown) + 2), 4.5), dpi=120)
+    before = [r["rows"] for r in shown]
+    after = [r["rows_kept"] for r in shown]
+    total_b, total_a = sum(r["rows"] for r in rows), sum(r["rows_kept"] for r in rows)
+    ax.bar(x - 0.2, before, 0.4, label=f"before balancing ({total_b:,} rows)")
+    ax.bar(x + 0.2, after, 0.4, label=f"after balancing ({total_a:,} rows)")
+    ax.set_xticks(x, [r["lang"] for r in shown], rotation=90)
+    if any(before):
+        ax.set_yscale("log")
+    ax.set_ylabel("rows")
+    ax.set_title(f"Language mix (rows per language, top {len(shown)} of {len(rows)})")
+    ax.legend()
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    fsio.atomic_write_bytes(path, buf.getvalue())
+
+
+def write_language_report(
+    out: str, rows: list[dict[str, Any]], balance: dict[str, Any]
+) -> dict[str, Any]:
+    """A worldwide job's OUT/report/{languages.png, summary.json, summary.md}: the per-language
+    table (rows, matched rows, matches, t, tail proportion, rule, kept rows) and the plot."""
+    rdir = fsio.join(out, "report")
+    plot_languages(rows, fsio.join(rdir, "languages.png"))
+    summary = {"balance": balance, "languages": rows}
+    fsio.atomic_write_json(fsio.join(rdir, "summary.json"), summary)
+    lines = [
+        "# Curation report (worldwide, MetaCLIP 2)",
+        "",
+        f"t_en = {balance['t']:,.0f}, tail proportion p = {balance['tail_proportion']:.4f}, "
+        f"min_matches = {balance.get('min_matches', 0):,}",
+        "",
+        "| language | rows | matched rows | matches | t | tail proportion | rule | kept rows |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        if not (r["rows"] or r["matches"]):
+            continue
+        t = "" if r["t"] is None else f"{r['t']:,.0f}"
+        p = "" if r["tail_proportion"] is None else f"{r['tail_proportion']:.4f}"
+        lines.append(
+            f"| {r['lang']} | {r['rows']:,} | {r['rows_with_match']:,} | {r['matches']:,} | "
+            f"{t} | {p} | {r['rule']} | {r['rows_kept']:,} |"
+        )
+    lines += ["", "![language mix](languages.png)", ""]
+    fsio.atomic_write_bytes(fsio.join(rdir, "summary.md"), "\n".join(lines).encode())
+    return summary

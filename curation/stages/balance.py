@@ -29,6 +29,12 @@ import pyarrow.compute as pc
 from curation.core import fsio
 from curation.core.arrow import string_buffers
 from curation.core.stage import Stage, StageOutput
+from curation.core.worldwide import (
+    OTHER,
+    language_index,
+    reference_p_to_t,
+    reference_t_to_p,
+)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MURMUR_M = np.uint64(0xC6A4A7935BD1E995)
@@ -229,27 +235,23 @@ def keep_probabilities(
 def t_to_p(counts: np.ndarray, t: float) -> float:
     """Tail proportion for threshold t: the share of matches in entries with count < t.
 
-    Same definition as MetaCLIP 2's `t_to_p`.
+    Same definition as MetaCLIP 2's `t_to_p` (`curation.core.worldwide.reference_t_to_p`).
     """
-    c = np.asarray(counts, dtype=np.float64)
-    total = c.sum()
-    return float(c[c < t].sum() / total) if total > 0 else 0.0
+    return reference_t_to_p(counts, t)
 
 
 def p_to_t(counts: np.ndarray, p: float) -> int:
     """Threshold t whose tail proportion is closest to p (MetaCLIP 2's `p_to_t`).
 
-    Sort the counts, take the cumulative share, and return the count where it is nearest to p.
+    Sort the counts, take the cumulative share, and return the count where it is nearest to p
+    (`curation.core.worldwide.reference_p_to_t`, exactly). One difference: where the reference
+    gives t = 0 (which would drop every row), this gives 1, the smallest usable t.
     """
     if not 0.0 < p <= 1.0:
         raise ValueError(f"tail proportion must be in (0, 1], got {p}")
-    c = np.sort(np.asarray(counts, dtype=np.uint64))
-    total = float(c.sum())
-    if total == 0:
+    if not np.asarray(counts, dtype=np.uint64).sum():
         raise ValueError("cannot derive t from a tail proportion: no entry has any match")
-    portion = np.cumsum(c, dtype=np.float64) / total
-    t = int(c[int(np.abs(portion - p).argmin())])
-    return max(t, 1)
+    return max(reference_p_to_t(counts, p), 1)
 
 
 def count_entries(entry_ids: pa.Array | pa.ChunkedArray, num_entries: int) -> np.ndarray:
@@ -346,3 +348,90 @@ def resolve_t(
     if not np.isfinite(t) or t <= 0:
         raise ValueError(f"t must be a finite number > 0, got {t}")
     return t, t_to_p(counts, t)
+
+
+class LanguageBalancer(Stage):
+    """Keeps rows by MetaCLIP 2's rule: each row with its own language's entry probabilities.
+
+    `probabilities` maps a metadata language to its entry probabilities
+    (`curation.core.worldwide.language_probabilities`). A row's language is its `lang`, or
+    `fallback` (`other`) when `lang` has no probabilities, as in matching; a row with neither
+    cannot have matched. The draw is the `Balancer`'s, keyed by (seed, uid, text, entry id), so
+    decisions do not depend on batching, workers or order, and an English-only table is balanced
+    exactly as the `Balancer` balances it. (MetaCLIP 2 draws with an unseeded `random`; here it
+    is reproducible.) `process(table)` needs `uid`, `text`, `lang` and `entry_ids` and counts
+    `rows_read`, `rows_written`, `rows_dropped_no_metadata` (language without metadata),
+    `rows_dropped_no_match` and `rows_dropped_not_sampled` (these three are disjoint).
+    """
+
+    name = "balance"
+
+    def __init__(
+        self, probabilities: dict[str, np.ndarray], seed: int, fallback: str | None = OTHER
+    ) -> None:
+        self.languages = sorted(probabilities)
+        self.probabilities = {
+            k: np.asarray(probabilities[k], dtype=np.float64) for k in self.languages
+        }
+        self.seed = int(seed)
+        self.fallback = fallback
+        sizes = [len(self.probabilities[k]) for k in self.languages]
+        self._offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=self._offsets[1:])
+        self._flat = (
+            np.concatenate([self.probabilities[k] for k in self.languages])
+            if sizes
+            else np.empty(0, np.float64)
+        )
+
+    def setup(self) -> None:
+        """Nothing to build: the probability vectors are passed in (broadcast once)."""
+
+    def keep_mask(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keep, has_match, has_metadata) boolean masks over the rows of `table`."""
+        for col in ("uid", "text", "lang", "entry_ids"):
+            if col not in table.column_names:
+                raise ValueError(
+                    f"balance needs a {col!r} column (have {table.column_names}); balance the "
+                    "output of per-language matching"
+                )
+        n = table.num_rows
+        li = language_index(table.column("lang"), self.languages, self.fallback)
+        ids = table.column("entry_ids")
+        ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.list_(pa.uint32()))
+        flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        parents = pc.list_parent_indices(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        has_match = np.bincount(parents, minlength=n) > 0
+        has_metadata = li >= 0
+        if len(flat) == 0:
+            return np.zeros(n, dtype=bool), has_match, has_metadata
+        lp = li[parents]
+        if int(lp.min()) < 0:
+            raise ValueError(
+                f"row {int(parents[np.argmin(lp)])} has entry ids but no probabilities for its "
+                f"language (have {self.languages}); balance with the counts of the same matching"
+            )
+        size = np.diff(self._offsets)[lp]
+        if bool(np.any(flat >= size)):
+            j = int(np.flatnonzero(flat >= size)[0])
+            raise ValueError(
+                f"entry id {int(flat[j])} is out of range for language "
+                f"{self.languages[lp[j]]!r} ({int(size[j])} entries); the matched data was "
+                "produced with a different metadata set"
+            )
+        keys = row_keys(table.column("uid"), table.column("text"))
+        draws = uniform_draws(keys[parents], flat, self.seed)
+        hit = draws < self._flat[self._offsets[lp] + flat]
+        keep = np.bincount(parents[hit], minlength=n) > 0
+        return keep, has_match, has_metadata
+
+    def process(self, table: pa.Table) -> StageOutput:
+        """The kept rows and the counters (see the class docstring); quarantines nothing."""
+        keep, has_match, has_metadata = self.keep_mask(table)
+        counts: Counter = Counter()
+        counts["rows_read"] = table.num_rows
+        counts["rows_written"] = int(keep.sum())
+        counts["rows_dropped_no_metadata"] = int((~has_metadata).sum())
+        counts["rows_dropped_no_match"] = int((has_metadata & ~has_match).sum())
+        counts["rows_dropped_not_sampled"] = int((has_match & ~keep).sum())
+        return StageOutput(table.filter(pa.array(keep)), counts, [])

@@ -30,10 +30,12 @@ import pyarrow.compute as pc
 from curation.core.arrow import string_buffers
 from curation.core.metadata import load_metadata
 from curation.core.stage import Shard, Stage, StageOutput
+from curation.core.worldwide import OTHER, language_index
 from curation.io.parts import read_part
 
 __all__ = [
     "ENGINES",
+    "LanguageMatcher",
     "Matcher",
     "entry_pattern",
     "is_cjk_or_similar",
@@ -68,6 +70,11 @@ def spacing(text: str) -> str:
 # they keep their boundary spaces, exactly as in MetaCLIP 2. The text side (`spacing`) is
 # unchanged in MetaCLIP 2. (MetaCLIP 2 builds one automaton per language; here that is one
 # Matcher per language's metadata.)
+# Checked against HEAD f47f7841f6a91cc5676729a3d125519393d87d1e (`get_spaced_metadata`, renamed
+# from `get_spaced_metadata_ml`): the same 16 ranges, `string.punctuation` and the same 25
+# additional punctuation characters (U+FF0C U+3002 U+3001 U+FF1B U+FF1A U+FF1F U+FF01 U+201C U+201D U+2018 U+2019 U+FF08
+# U+FF09 U+3010 U+3011 U+300A U+300B U+3008 U+3009 U+300C U+300D U+300E U+300F U+FF5E U+2014);
+# tests/unit/test_worldwide_match.py compares both functions with a literal copy.
 _NO_SPACE_RANGES = (
     (0x4E00, 0x9FFF),
     (0x3400, 0x4DBF),
@@ -830,4 +837,107 @@ class MatchStage(Stage):
         counts = Counter(rows_read=table.num_rows)
         counts["rows_with_match"] = int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
         counts["matches"] = int(pc.sum(lengths).as_py() or 0)
+        return StageOutput(out, counts)
+
+
+class LanguageMatcher:
+    """Matches each text against its own language's metadata only (MetaCLIP 2: one automaton
+    per metadata language).
+
+    `entries` maps a metadata language to its entry list (`MetadataSet.entries()`); one
+    `Matcher` per language is built lazily, the first time a batch holds that language, and kept
+    (so once per worker). A row's language is its `lang` when the set has it, else `fallback`
+    (`other`) when the set has that, else none: such a row matches nothing and is counted
+    (`rows_no_metadata`). Entry ids are ids within the row's metadata language. With
+    `script_aware=True` (the default, MetaCLIP 2) entries follow `entry_pattern`'s boundary
+    rule, which equals the reference's `get_spaced_metadata`.
+    """
+
+    def __init__(
+        self,
+        entries: Mapping[str, Sequence[str]],
+        engine: str = "auto",
+        script_aware: bool = True,
+        fallback: str | None = OTHER,
+    ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"unknown match engine {engine!r}; use one of {ENGINES}")
+        if not entries:
+            raise ValueError("a LanguageMatcher needs metadata for at least one language")
+        self.languages = sorted(entries)
+        self.entries = {k: list(entries[k]) for k in self.languages}
+        self.engine = engine
+        self.script_aware = script_aware
+        self.fallback = fallback
+        self._matchers: dict[str, Matcher] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_matchers": {}}  # each worker builds its own
+
+    def matcher(self, lang: str) -> Matcher:
+        """The built `Matcher` of one language (built on first use)."""
+        m = self._matchers.get(lang)
+        if m is None:
+            m = Matcher(self.entries[lang], engine=self.engine, script_aware=self.script_aware)
+            m.setup()
+            self._matchers[lang] = m
+        return m
+
+    def resolve(self, langs: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Index into `languages` of each row's metadata language, -1 for none."""
+        return language_index(langs, self.languages, self.fallback)
+
+    def match(
+        self, texts: pa.Array | pa.ChunkedArray, langs: pa.Array | pa.ChunkedArray
+    ) -> pa.ListArray:
+        """Entry ids (list<uint32>, sorted, unique; ids within the row's metadata language) of
+        each text, matched against its language's metadata. Rows are grouped by language with
+        one stable sort and `take`, never a loop per row."""
+        n = len(texts)
+        if len(langs) != n:
+            raise ValueError(f"texts has {n} rows but langs has {len(langs)}")
+        if n == 0:
+            return pa.array([], type=pa.list_(pa.uint32()))
+        idx = self.resolve(langs)
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
+        ends = np.r_[starts[1:], n].astype(np.int64)
+        rows, eids = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            li = int(sidx[s])
+            if li < 0:
+                continue
+            members = order[s:e]
+            got = self.matcher(self.languages[li]).match(texts.take(pa.array(members)))
+            parents = pc.list_parent_indices(got).to_numpy(zero_copy_only=False)
+            rows.append(members[parents])
+            eids.append(pc.list_flatten(got).to_numpy(zero_copy_only=False).astype(np.int64))
+        return _to_list_array(np.concatenate(rows), np.concatenate(eids), n)
+
+    def process(self, table: pa.Table) -> StageOutput:
+        """`table` plus `entry_ids` matched from `text` by `lang`; counters rows_read,
+        rows_with_match, matches, rows_no_metadata (language without metadata and no
+        fallback) and rows_fallback (matched against `fallback`)."""
+        for col in ("text", "lang"):
+            if col not in table.column_names:
+                raise KeyError(
+                    f"per-language matching needs a {col!r} column; the table has "
+                    f"{table.column_names} (run language id first)"
+                )
+        langs = table.column("lang")
+        ids = self.match(table.column("text"), langs)
+        if "entry_ids" in table.column_names:
+            out = table.set_column(table.column_names.index("entry_ids"), "entry_ids", ids)
+        else:
+            out = table.append_column("entry_ids", ids)
+        lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+        idx = self.resolve(langs)
+        counts = Counter(rows_read=table.num_rows)
+        counts["rows_with_match"] = int(np.count_nonzero(lengths))
+        counts["matches"] = int(lengths.sum())
+        counts["rows_no_metadata"] = int(np.count_nonzero(idx < 0))
+        if self.fallback is not None and self.fallback in self.entries:
+            own = language_index(langs, self.languages, None)
+            counts["rows_fallback"] = int(np.count_nonzero(own < 0))
         return StageOutput(out, counts)

@@ -39,6 +39,7 @@ from fsspec.core import url_to_fs
 from curation.core import fsio
 
 __all__ = [
+    "KIND_LANGUAGES",
     "MALFORMED_REASONS",
     "ShardTruth",
     "SynthSummary",
@@ -76,6 +77,31 @@ _BLANKS = (" ", "  ", "\n", "\r\n", " \n ", "\t", " \t\r\n", "\n\n")
 _EN, _BOILER, _DE, _FR, _ES, _ZH, _JA = range(7)
 _KIND_P_LANG = (0.74, 0.08, 0.05, 0.04, 0.04, 0.03, 0.02)
 _KIND_P_EN = (0.92, 0.08, 0.0, 0.0, 0.0, 0.0, 0.0)
+# languages="worldwide" adds these kinds (MetaCLIP 2): Thai (no spaces between words), Russian,
+# Portuguese, Korean and Arabic, with English at about half of the captions.
+_TH, _RU, _PT, _KO, _AR = range(7, 12)
+_KIND_P_WORLD = (0.46, 0.08, 0.06, 0.05, 0.05, 0.05, 0.04, 0.05, 0.05, 0.05, 0.03, 0.03)
+#: The language of each caption kind, as `synth_truth.json` reports it (`boilerplate`: file
+#: names and page furniture like "image", "logo", "IMG_0001.JPG", of no real language).
+KIND_LANGUAGES = ("en", "boilerplate", "de", "fr", "es", "zh", "ja", "th", "ru", "pt", "ko", "ar")
+#: The values of `languages` that write captions in several languages.
+LANGUAGE_MODES = (True, "worldwide")
+# wordfreq has no Thai: common Thai words (nouns of image captions, then function words), taken
+# as a Zipf list in this order. Thai is written without spaces between words.
+_THAI_WORDS = (
+    "ที่", "และ", "ของ", "ใน", "การ", "เป็น", "มี", "ไม่", "ได้", "จะ", "ให้", "กับ", "ความ",
+    "ไป", "มา", "คน", "วัน", "ปี", "ราคา", "ขาย", "ซื้อ", "ดี", "มาก", "สินค้า", "แมว", "หมา",
+    "บ้าน", "รถ", "ต้นไม้", "ดอกไม้", "ทะเล", "ภูเขา", "อาหาร", "น้ำ", "กาแฟ", "ชา", "ข้าว",
+    "ไก่", "ปลา", "หมู", "ผลไม้", "สวย", "ใหม่", "เก่า", "ใหญ่", "เล็ก", "สีแดง", "สีฟ้า",
+    "สีเขียว", "สีดำ", "สีขาว", "ผู้หญิง", "ผู้ชาย", "เด็ก", "ครอบครัว", "เพื่อน", "โรงเรียน",
+    "มหาวิทยาลัย", "โรงแรม", "ร้านอาหาร", "ตลาด", "ถนน", "เมือง", "ประเทศไทย", "กรุงเทพ",
+    "เชียงใหม่", "ภูเก็ต", "วัด", "พระ", "ท่องเที่ยว", "การเดินทาง", "รูปภาพ", "ภาพถ่าย",
+    "ของขวัญ", "เสื้อผ้า", "รองเท้า", "กระเป๋า", "โทรศัพท์", "คอมพิวเตอร์", "หนังสือ", "เพลง",
+    "ภาพยนตร์", "ข่าว", "กีฬา", "ฟุตบอล", "สุขภาพ", "ความรัก", "ความสุข", "วันเกิด",
+    "งานแต่งงาน", "ห้องนอน", "ห้องครัว", "สวน", "ชายหาด", "ฤดูร้อน", "ฝน", "ท้องฟ้า",
+    "พระอาทิตย์", "ดวงจันทร์", "กลางคืน", "ตอนเช้า", "โปรโมชั่น", "ลดราคา", "ออนไลน์",
+    "ตกแต่ง", "แบบ", "สไตล์",
+)  # fmt: skip
 _LONG_CAPTION_RATE = 0.0005
 
 _PUNCT = (",", ".", ";", ":", "?", "!", ",", ".", "...")
@@ -168,6 +194,8 @@ class ShardTruth:
     records: int
     pages: int
     images: int
+    #: Valid pairs per caption language (`KIND_LANGUAGES`; only languages with pairs).
+    languages: dict[str, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,11 +266,22 @@ class _Lexicon:
     host_words: np.ndarray  # short alphabetic English words for host names and slugs
     concepts: np.ndarray
     concept_cdf: np.ndarray
-    languages: bool
+    languages: bool | str
+
+
+def _check_languages(languages: bool | str) -> None:
+    if languages not in (False, *LANGUAGE_MODES):
+        raise ValueError(f"languages must be True, False or 'worldwide', got {languages!r}")
+
+
+def _kind_p(languages: bool | str) -> tuple[float, ...]:
+    if languages == "worldwide":
+        return _KIND_P_WORLD
+    return _KIND_P_LANG if languages else _KIND_P_EN
 
 
 @lru_cache(maxsize=8)
-def _lexicon(languages: bool, concepts: tuple[str, ...] | None) -> _Lexicon:
+def _lexicon(languages: bool | str, concepts: tuple[str, ...] | None) -> _Lexicon:
     words, freqs = _vocab("en", 30_000)
     p = freqs / freqs.sum() * (1.0 - _EXTRA_TOKEN_MASS)
     extra_p = np.full(len(_EXTRA_TOKENS), _EXTRA_TOKEN_MASS / len(_EXTRA_TOKENS))
@@ -253,6 +292,13 @@ def _lexicon(languages: bool, concepts: tuple[str, ...] | None) -> _Lexicon:
                               (_ZH, "zh", 5000), (_JA, "ja", 5000)):  # fmt: skip
             w, f = _vocab(lang, n)
             other[kind] = (np.array(w, dtype=object), _cdf(f))
+    if languages == "worldwide":
+        for kind, lang, n in ((_RU, "ru", 8000), (_PT, "pt", 8000), (_KO, "ko", 5000),
+                              (_AR, "ar", 5000)):  # fmt: skip
+            w, f = _vocab(lang, n)
+            other[kind] = (np.array(w, dtype=object), _cdf(f))
+        ranks = np.arange(len(_THAI_WORDS), dtype=np.float64)
+        other[_TH] = (np.array(_THAI_WORDS, dtype=object), _cdf(1.0 / (ranks + 2.0)))
     host_words = np.array(
         [w for w in words[:6000] if w.isalpha() and w.isascii() and 3 <= len(w) <= 9], object
     )
@@ -338,6 +384,11 @@ def _other_language(rng: np.random.Generator, lex: _Lexicon, kind: int, n: int) 
         toks = _word_groups(rng, vocab, cdf, lengths)
         _decorate_tokens(rng, toks, _CJK_PUNCT)
         return _join_groups(toks, lengths, "")
+    if kind == _TH:  # words run together; a space now and then between phrases
+        lengths = rng.integers(1, 8, n)
+        toks = _word_groups(rng, vocab, cdf, lengths)
+        _decorate_tokens(rng, toks, (" ", " ", " ", "!"))
+        return [c.strip() or c for c in _join_groups(toks, lengths, "")]
     lengths = np.clip(np.rint(rng.lognormal(1.5, 0.6, n)), 1, 30).astype(np.int64)
     toks = _word_groups(rng, vocab, cdf, lengths)
     _decorate_tokens(rng, toks, _PUNCT)
@@ -356,11 +407,19 @@ def _boilerplate(rng: np.random.Generator, n: int) -> list[str]:
 
 def _captions(rng: np.random.Generator, lex: _Lexicon, n: int) -> list[str]:
     """`n` alt-text-like captions, each non-empty after newline replacement and stripping."""
+    return _captions_kinds(rng, lex, n)[0]
+
+
+def _captions_kinds(
+    rng: np.random.Generator, lex: _Lexicon, n: int
+) -> tuple[list[str], np.ndarray]:
+    """`_captions` and the kind of each caption (an index into `KIND_LANGUAGES`)."""
     if n == 0:
-        return []
-    kind = _draw(rng, _cdf(_KIND_P_LANG if lex.languages else _KIND_P_EN), n)
+        return [], np.zeros(0, dtype=np.int64)
+    p = _kind_p(lex.languages)
+    kind = _draw(rng, _cdf(p), n)
     out = np.empty(n, dtype=object)
-    for k in range(7):
+    for k in range(len(p)):
         idx = np.flatnonzero(kind == k)
         if len(idx) == 0:
             continue
@@ -384,7 +443,7 @@ def _captions(rng: np.random.Generator, lex: _Lexicon, n: int) -> list[str]:
         out[j] = out[j].replace(" ", ws[w], 1)
     for j in np.flatnonzero(u > 0.975).tolist():
         out[j] = (" " if u[j] > 0.99 else "") + out[j] + (" \n" if u[j] > 0.985 else " ")
-    return out.tolist()
+    return out.tolist(), kind
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,10 +576,11 @@ class _Popular:
     urls: np.ndarray
     alts: np.ndarray
     cdf: np.ndarray
+    kinds: np.ndarray  # caption kind of each alt
 
 
 @lru_cache(maxsize=8)
-def _popular(seed: int, languages: bool, concepts: tuple[str, ...] | None) -> _Popular:
+def _popular(seed: int, languages: bool | str, concepts: tuple[str, ...] | None) -> _Popular:
     """Images that recur across pages and shards (logos, icons, stock photos): seed only."""
     lex = _lexicon(languages, concepts)
     rng = _rng(seed, 2**31 - 1)
@@ -533,11 +593,13 @@ def _popular(seed: int, languages: bool, concepts: tuple[str, ...] | None) -> _P
          zip(urls.tolist(), absolute.tolist(), hosts.tolist(), strict=True)],
         dtype=object,
     )  # fmt: skip
-    alts = np.array(_captions(rng, lex, n), dtype=object)
+    caps, kinds = _captions_kinds(rng, lex, n)
+    alts = np.array(caps, dtype=object)
     boiler = np.flatnonzero(rng.random(n) < 0.5)
     alts[boiler] = np.array(_boilerplate(rng, len(boiler)), dtype=object)
+    kinds[boiler] = _BOILER
     ranks = np.arange(n, dtype=np.float64)
-    return _Popular(urls=urls, alts=alts, cdf=_cdf(1.0 / (ranks + 1.0) ** 1.2))
+    return _Popular(urls=urls, alts=alts, cdf=_cdf(1.0 / (ranks + 1.0) ** 1.2), kinds=kinds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,14 +687,17 @@ def generate_shard(
     pairs: int,
     *,
     malformed_rate: float = 0.0,
-    languages: bool = True,
+    languages: bool | str = True,
     concepts: Sequence[str] | None = None,
 ) -> tuple[bytes, ShardTruth]:
     """Generate shard `index` of the pool `seed` in memory: the gzipped WAT bytes and its truth.
 
     The result depends only on the arguments, so shards can be generated in any order or in
-    parallel. `pairs` valid pairs exactly (see the module docstring for the rules).
+    parallel. `pairs` valid pairs exactly (see the module docstring for the rules). `languages`:
+    False for English only, True for en/de/fr/es/zh/ja, `"worldwide"` for those plus th, ru,
+    pt, ko and ar; the truth counts the pairs of each caption language either way.
     """
+    _check_languages(languages)
     if pairs < 0:
         raise ValueError("pairs must be >= 0")
     if not 0.0 <= malformed_rate <= 1.0:
@@ -724,17 +789,32 @@ def generate_shard(
         np.flatnonzero(title_s == _TEXT),
         np.flatnonzero(dit_s == _TEXT),
     ]
-    caps = _captions(rng, lex, sum(len(t) for t in text_need))
+    caps, cap_kinds = _captions_kinds(rng, lex, sum(len(t) for t in text_need))
     alt_text = np.empty(n_img, dtype=object)
     title_text = np.empty(n_img, dtype=object)
     dit_text = np.empty(n_img, dtype=object)
+    text_kinds = [np.full(n_img, -1, dtype=np.int64) for _ in range(3)]  # alt, title, dit
     o = 0
-    for arr, idx in zip((alt_text, title_text, dit_text), text_need, strict=True):
+    for arr, tk, idx in zip((alt_text, title_text, dit_text), text_kinds, text_need, strict=True):
         arr[idx] = np.array(caps[o : o + len(idx)], dtype=object)
+        tk[idx] = cap_kinds[o : o + len(idx)]
         o += len(idx)
     alt_text[pop] = popular.alts[pop_idx]
+    text_kinds[0][pop] = popular.kinds[pop_idx]
     same = title_s == _SAME_AS_ALT
     title_text[same] = alt_text[same]
+    text_kinds[1][same] = text_kinds[0][same]
+    pair_kinds = np.concatenate(
+        [
+            text_kinds[0][alt_s == _TEXT],
+            text_kinds[1][(title_s == _TEXT) | same],
+            text_kinds[2][dit_s == _TEXT],
+        ]
+    )
+    if len(pair_kinds) != pairs or (pair_kinds < 0).any():  # pragma: no cover - invariant
+        raise AssertionError("synth: a pair has no caption kind")
+    per_kind = np.bincount(pair_kinds, minlength=len(KIND_LANGUAGES))
+    pair_langs = {KIND_LANGUAGES[k]: int(c) for k, c in enumerate(per_kind.tolist()) if c}
     huge = -1
     if malformed_rate > 0:
         cand = np.flatnonzero((alt_s == _TEXT) & ~pop & ~same)
@@ -917,8 +997,9 @@ def generate_shard(
         _wat_record(out, url, date, wid_meta, sid_meta, meta.encode())
 
     truth = ShardTruth(
-        pairs=pairs, malformed=malformed, records=1 + 3 * n_pages, pages=n_pages, images=n_img
-    )
+        pairs=pairs, malformed=malformed, records=1 + 3 * n_pages, pages=n_pages, images=n_img,
+        languages=pair_langs,
+    )  # fmt: skip
     return b"".join(out), truth
 
 
@@ -961,7 +1042,7 @@ def write_synthetic_pool(
     seed: int,
     *,
     malformed_rate: float = 0.0,
-    languages: bool = True,
+    languages: bool | str = True,
     concepts: Sequence[str] | None = None,
 ) -> SynthSummary:
     """Write `shards` synthetic WAT shards and `synth_truth.json` under `out_dir` (any fsspec URL).
@@ -970,8 +1051,11 @@ def write_synthetic_pool(
     rules of this module's docstring, plus, when `malformed_rate` > 0, bad records on roughly that
     fraction of pages (reasons in `MALFORMED_REASONS`; `huge_text`, one 10 MB alt-text per shard,
     is a valid pair and counts in `pairs_per_file`). Same arguments give byte-identical files.
-    File URLs are spelled as `curation.core.fsio.expand_inputs` spells them.
+    File URLs are spelled as `curation.core.fsio.expand_inputs` spells them. With
+    `languages="worldwide"`, `synth_truth.json` also has `pairs_per_language` (over the pool)
+    and `pairs_per_language_per_file`; the other modes write the same bytes as before.
     """
+    _check_languages(languages)
     if shards < 0:
         raise ValueError("shards must be >= 0")
     if seed < 0:
@@ -989,6 +1073,7 @@ def write_synthetic_pool(
     pairs: dict[str, int] = {}
     malformed: dict[str, dict[str, int]] = {}
     records: dict[str, int] = {}
+    langs: dict[str, dict[str, int]] = {}
     for i in range(shards):
         data, truth = generate_shard(
             seed,
@@ -1004,6 +1089,7 @@ def write_synthetic_pool(
         pairs[url] = truth.pairs
         malformed[url] = truth.malformed
         records[url] = truth.records
+        langs[url] = truth.languages
     files.sort()
     params: dict[str, Any] = {
         "shards": shards,
@@ -1013,18 +1099,23 @@ def write_synthetic_pool(
         "concepts": None if concepts is None else len(concepts),
         "synth_version": SYNTH_VERSION,
     }
-    fsio.atomic_write_json(
-        fsio.full_url(fs, f"{root}/{TRUTH_FILE}"),
-        {
-            "files": files,
-            "pairs_per_file": pairs,
-            "malformed_per_file": malformed,
-            "records_per_file": records,
-            "total_pairs": sum(pairs.values()),
-            "seed": seed,
-            "params": params,
-        },
-    )
+    truth_json: dict[str, Any] = {
+        "files": files,
+        "pairs_per_file": pairs,
+        "malformed_per_file": malformed,
+        "records_per_file": records,
+        "total_pairs": sum(pairs.values()),
+        "seed": seed,
+        "params": params,
+    }
+    if languages == "worldwide":
+        total: dict[str, int] = {}
+        for per in langs.values():
+            for lang, k in per.items():
+                total[lang] = total.get(lang, 0) + k
+        truth_json["pairs_per_language"] = total
+        truth_json["pairs_per_language_per_file"] = langs
+    fsio.atomic_write_json(fsio.full_url(fs, f"{root}/{TRUTH_FILE}"), truth_json)
     return SynthSummary(
         files=files,
         pairs_per_file=pairs,

@@ -128,6 +128,8 @@ class OnlineBalancer:
         seed: int = 0,
         rule: str = "text",
         source: str = "",
+        probabilities: np.ndarray | None = None,
+        languages: dict[str, Any] | None = None,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -138,11 +140,18 @@ class OnlineBalancer:
                     "give the output of `curation match`"
                 )
         self.counts = np.asarray(counts, dtype=np.uint64)
-        self.t, self.tail_proportion = resolve_t(self.counts, t, tail_proportion)
+        #: worldwide (`load` of a lang_counts file): {lang: LanguageThreshold.to_dict()}; the
+        #: entry ids are then global (languages concatenated) and `probabilities` is given
+        self.languages = languages
+        if probabilities is None:
+            self.t, self.tail_proportion = resolve_t(self.counts, t, tail_proportion)
+            self.probabilities = entry_probabilities(self.counts, self.t)
+        else:
+            self.t, self.tail_proportion = float(t), float(tail_proportion)
+            self.probabilities = np.asarray(probabilities, dtype=np.float64)
         self.seed = int(seed)
         self.rule = rule
         self.source = source
-        self.probabilities = entry_probabilities(self.counts, self.t)
         self._build(matched)
 
     @classmethod
@@ -156,7 +165,19 @@ class OnlineBalancer:
         rule: str = "text",
     ) -> OnlineBalancer:
         """From a match stage folder (Parquet parts with uid, text, entry_ids) and an
-        `entry_counts.parquet`; exactly one of `t` and `tail_proportion`."""
+        `entry_counts.parquet`; exactly one of `t` and `tail_proportion`.
+
+        A worldwide job's `lang_counts.parquet` (lang, entry_id, count) and per-language match
+        output (with `lang`) give MetaCLIP 2's per-language probabilities instead (`t` is t_en;
+        `load_worldwide`)."""
+        import pyarrow.parquet as pq
+
+        from curation.core import fsio
+
+        fs, path = fsio.url_to_fs(counts)
+        with fs.open(path, "rb") as f:
+            if "lang" in pq.read_schema(f).names:
+                return cls.load_worldwide(matched, counts, t, tail_proportion, seed, rule)
         parts = [read_part(s.input, ["uid", "text", "entry_ids"]) for s in parts_of(matched)]
         table = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
         return cls(
@@ -167,6 +188,69 @@ class OnlineBalancer:
             seed=seed,
             rule=rule,
             source=redact_url(matched),
+        )
+
+    @classmethod
+    def load_worldwide(
+        cls,
+        matched: str,
+        counts: str,
+        t: float | None = None,
+        tail_proportion: float | None = None,
+        seed: int = 0,
+        rule: str = "text",
+        min_matches: int = 0,
+    ) -> OnlineBalancer:
+        """MetaCLIP 2 online balancing: per-language t (`core.worldwide.per_language_t`, t is
+        t_en) and probabilities over a per-language match output; each row's entry ids are
+        made global (its language's offset in the sorted languages added) so that one
+        balancer draws for every language, with the same draws as for English."""
+        from curation.core.worldwide import (
+            OTHER,
+            language_index,
+            language_probabilities,
+            per_language_t,
+            read_language_counts,
+        )
+
+        by_lang = read_language_counts(counts)
+        th = per_language_t(by_lang, t, tail_proportion, min_matches=min_matches)
+        probs = language_probabilities(by_lang, th)
+        langs = sorted(by_lang)
+        offsets = np.zeros(len(langs) + 1, dtype=np.int64)
+        np.cumsum([len(by_lang[k]) for k in langs], out=offsets[1:])
+        cols = ["uid", "text", "lang", "entry_ids"]
+        parts = [read_part(s.input, cols) for s in parts_of(matched)]
+        table = pa.concat_tables(parts, promote_options="permissive") if parts else None
+        if table is None or not table.num_rows:
+            table = pa.table({c: pa.array([], pa.list_(pa.uint32()) if c == "entry_ids"
+                              else pa.string()) for c in cols})  # fmt: skip
+        ids = _combined(table.column("entry_ids"))
+        li = language_index(table.column("lang"), langs, OTHER)
+        parents = pc.list_parent_indices(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(flat) and int(li[parents].min()) < 0:
+            raise ValueError(
+                f"{matched}: rows with entry ids in a language that {counts} has no counts for"
+            )
+        glob = flat + offsets[np.maximum(li[parents], 0)]
+        rows_ids = pa.ListArray.from_arrays(
+            pa.array(np.searchsorted(parents, np.arange(len(ids) + 1)).astype(np.int32)),
+            pa.array(glob.astype(np.uint32)),
+        )
+        table = pa.table({"uid": table.column("uid"), "text": table.column("text"),
+                          "entry_ids": rows_ids})  # fmt: skip
+        en = th["en"]
+        return cls(
+            table,
+            np.concatenate([by_lang[k] for k in langs]) if langs else np.zeros(0, np.uint64),
+            t=en.t,
+            tail_proportion=en.tail_proportion,
+            seed=seed,
+            rule=rule,
+            source=redact_url(matched),
+            probabilities=np.concatenate([probs[k] for k in langs]) if langs else None,
+            languages={k: th[k].to_dict() for k in langs},
         )
 
     # ---------------------------------------------------------------- building
@@ -225,7 +309,8 @@ class OnlineBalancer:
         r_rows, r_ents = np.divmod(row_pairs, n_entries)
         img_pairs = sorted_unique(row_img[r_rows] * n_entries + r_ents)
         i_imgs, i_ents = np.divmod(img_pairs, n_entries)
-        head = self.counts > self.t  # head entries: p_e < 1
+        # head entries: p_e < 1 (count > t; per language for worldwide)
+        head = self.counts > self.t if self.languages is None else self.probabilities < 1
 
         self._row_prob = keep_probabilities(_list_array(r_rows, r_ents, n_rows), self.probabilities)
         self._row_head = np.bincount(r_rows[head[r_ents]], minlength=n_rows).astype(np.uint32)
@@ -374,7 +459,11 @@ class OnlineBalancer:
             "seed": self.seed,
             "counts": fingerprint(self.counts.tolist()),
             "entries": len(self.counts),
-            "head_entries": int((self.counts > self.t).sum()),
+            "head_entries": int(
+                (self.counts > self.t).sum()
+                if self.languages is None
+                else (self.probabilities < 1).sum()
+            ),
             "matched": self.source,
             "rows_read": self.rows_read,
             "rows_unmatched": self.rows_unmatched,
@@ -384,6 +473,7 @@ class OnlineBalancer:
             "expected_kept_per_pass": self.expected_kept,
             "draws": "uniform_draws(MurmurHash64A(uid), stream, SplitMix64(SplitMix64(seed) ^ "
             "(pass + 1) * phi)); stream 0 keeps, stream 1 picks the text",
+            **({"languages": self.languages} if self.languages is not None else {}),
         }
 
 

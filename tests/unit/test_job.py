@@ -528,3 +528,64 @@ TRAIN_BAD = {
 @pytest.mark.parametrize("case", sorted(TRAIN_BAD))
 def test_bad_train_eval_spec_says_what_to_fix(case):
     check_names_the_key(*TRAIN_BAD[case])
+
+
+# -- worldwide (MetaCLIP 2) job specs ------------------------------------------------------------
+WORLDWIDE = {
+    "metadata": "bundled:metadata_worldwide",
+    "langid": {"model": "lid.176.bin", "mapping": "map.yaml"},
+    "balance": {"t": 170000, "min_matches": 10},
+}
+
+
+def test_parse_worldwide_job():
+    job = parse_job(spec(**WORLDWIDE))
+    assert job.worldwide and job.langid.model == "lid.176.bin" and job.langid.mapping == "map.yaml"
+    assert job.t == 170000 and job.min_matches == 10
+    assert job.script_aware is True  # MetaCLIP 2's spacing of scripts without spaces
+    d = job.to_dict()
+    assert d["langid"] == {"model": "lid.176.bin", "mapping": "map.yaml"}
+    empty = parse_job(spec(**{**WORLDWIDE, "langid": None, "balance": {"tail_proportion": 0.2}}))
+    assert empty.worldwide and empty.langid.model is None and empty.min_matches is None
+
+
+def test_english_spec_dict_has_no_worldwide_keys():
+    d = parse_job(spec(input={"synth": {"shards": 1, "pairs_per_shard": 5}})).to_dict()
+    assert "langid" not in d and "min_matches" not in d and "languages" not in d["synth"]
+
+
+def test_synth_worldwide_languages():
+    s = {"synth": {"shards": 1, "pairs_per_shard": 5, "languages": "worldwide"}}
+    assert parse_job(spec(input=s, **WORLDWIDE)).synth.languages == "worldwide"
+    with pytest.raises(JobSpecError, match="input.synth.languages"):
+        parse_job(spec(input={"synth": {"shards": 1, "pairs_per_shard": 5, "languages": "xx"}}))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"metadata": "bundled:metadata_worldwide"}, "needs a 'langid' section"),
+        ({**WORLDWIDE, "metadata": "bundled:metadata_en"}, "must be a per-language set"),
+        ({"balance": {"t": 20, "min_matches": 5}}, "balance.min_matches"),
+        ({**WORLDWIDE, "balance": {"t": 20, "min_matches": -1}}, "balance.min_matches"),
+        ({**WORLDWIDE, "langid": {"model": 3}}, "langid.model"),
+        ({**WORLDWIDE, "langid": {"threshold": 0.5}}, "unknown key"),
+        ({**WORLDWIDE, "langid": ["en"]}, "'langid' must be a mapping"),
+        (
+            {**WORLDWIDE, "input": {"pool": ["p/"]}, "ingest": _DELETE},
+            "applies to raw-shard jobs",
+        ),
+    ],
+)
+def test_bad_worldwide_spec(changes, match):
+    with pytest.raises(JobSpecError, match=match):
+        parse_job(spec(**changes))
+
+
+def test_worldwide_online_balancing():
+    s = spec(**WORLDWIDE, train={"shards": ["s/"], "balance": "online"})
+    with pytest.raises(JobSpecError, match="leave out balance.min_matches"):
+        parse_job(s)
+    s["balance"] = {"t": 170000}
+    job = parse_job(s)
+    assert job.train.online and job.train.params["t"] == 170000
