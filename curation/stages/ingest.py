@@ -41,19 +41,22 @@ import gzip
 import hashlib
 import io
 import json
+import re
+import sys
 import zlib
 from collections import Counter
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlparse
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
 from curation.core.accounting import quarantine_record
 from curation.core.stage import Shard, Source, StageOutput
-from curation.core.text import normalize_alt_text, uids_of_urls
+from curation.core.text import uids_of_urls
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -299,9 +302,9 @@ class Ingestor(Source):
         with f:
             reader = _HashingReader(f)
             if fmt == "wat":
-                rows = self._read_wat(reader, url, shard_name, result)
-                result.counts["rows_read"] += len(rows)  # pairs dropped are counted already
-                table = self._wat_rows_to_table(rows, shard_name)
+                cols = self._read_wat(reader, url, shard_name, result)
+                result.counts["rows_read"] += len(cols[0])  # pairs dropped are counted already
+                table = self._wat_rows_to_table(cols, shard_name)
             elif fmt == "parquet":
                 table = self._read_parquet(reader, url, shard_name, result)
             else:
@@ -360,11 +363,13 @@ class Ingestor(Source):
     # -- WAT ---------------------------------------------------------------------------------
     def _read_wat(
         self, reader: _HashingReader, url: str, shard: str, result: StageOutput
-    ) -> list[tuple]:
+    ) -> tuple[list, list, list, list]:
+        """The pairs of a WAT shard as columns (image URLs, texts, text keys, page URLs)."""
         from fastwarc.warc import ArchiveIterator, WarcRecordType
 
         counts = result.counts
-        rows: list[tuple] = []
+        cols: tuple[list, list, list, list] = ([], [], [], [])
+        deep = sys.getrecursionlimit() // 2  # see `_loads_wat`
         record_no = -1  # index of the WARC record in the file, whatever its type
         last_pos, stopped = 0, False
         try:
@@ -418,7 +423,7 @@ class Ingestor(Source):
                     )
                     continue
                 try:
-                    doc = json.loads(payload)
+                    doc, may_have_surrogate = _loads_wat(payload, deep)
                 except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
                     reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
                     detail = "JSON nested too deeply" if isinstance(exc, RecursionError) else exc
@@ -435,7 +440,7 @@ class Ingestor(Source):
                     )
                     continue
                 dropped: list[str] = []
-                self._extract(doc, rows, counts, dropped if _may_have_surrogate(payload) else None)
+                self._extract(doc, cols, counts, dropped if may_have_surrogate else None)
                 for detail in dropped:
                     result.quarantine.append(
                         self._q(
@@ -474,15 +479,16 @@ class Ingestor(Source):
                     offset=last_pos,
                 )
             )
-        return rows
+        return cols
 
     @staticmethod
     def _extract(
-        doc: Any, rows: list[tuple], counts: Counter, dropped: list[str] | None = None
+        doc: Any, cols: tuple[list, list, list, list], counts: Counter, dropped: list | None = None
     ) -> None:
-        """Appends the record's pairs to `rows`. When `dropped` is given, a pair with a string
-        that is not valid Unicode (a lone surrogate) is left out, counted as read and dropped
-        (`rows_dropped_bad_unicode`) and described in `dropped`."""
+        """Appends the record's pairs to `cols` (image URLs, texts, text keys, page URLs). When
+        `dropped` is given, a pair with a string that is not valid Unicode (a lone surrogate) is
+        left out, counted as read and dropped (`rows_dropped_bad_unicode`) and described in
+        `dropped`."""
         env = doc.get("Envelope") if isinstance(doc, dict) else None
         if not isinstance(env, dict):
             counts["records_skipped_no_envelope"] += 1
@@ -492,6 +498,10 @@ class Ingestor(Source):
             counts["records_skipped_not_response"] += 1
             return
         page_url = header.get("WARC-Target-URI")
+        # a plain http(s) page URL parses (no link raises for it); it is parsed further
+        # (`_PageBase`) only when a link is not a plain absolute URL
+        page_plain = isinstance(page_url, str) and _PLAIN_URL.fullmatch(page_url) is not None
+        base: _PageBase | None = None
         try:
             links = env["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]["Links"]
         except (KeyError, TypeError):
@@ -501,6 +511,8 @@ class Ingestor(Source):
             counts["records_skipped_no_links"] += 1
             return
         counts["records_with_links"] += 1
+        urls, texts, keys, pages = cols
+        plain_url = _PLAIN_URL.fullmatch
         for link in links:
             if not isinstance(link, dict):
                 continue
@@ -511,17 +523,22 @@ class Ingestor(Source):
             if not isinstance(img, str) or not img:
                 counts["image_links_without_url"] += 1
                 continue
-            try:
-                resolved = urljoin(page_url, img) if isinstance(page_url, str) else img
-            except ValueError:  # unparseable URL (e.g. "http://[bad"): MetaCLIP drops the link
-                counts["image_links_bad_url"] += 1
-                continue
+            if page_plain and img[0] == "h" and plain_url(img) is not None and "/." not in img:
+                resolved = img  # the first case of `_resolve`, inlined
+            else:
+                if base is None and isinstance(page_url, str) and page_url:
+                    base = _PageBase(page_url)
+                try:
+                    resolved = _resolve(page_url, img, base)
+                except ValueError:  # unparseable (e.g. "http://[bad"): MetaCLIP drops the link
+                    counts["image_links_bad_url"] += 1
+                    continue
             counts["image_links"] += 1
             for key in TEXT_KEYS:
                 value = link.get(key)
                 if not isinstance(value, str):
                     continue
-                text = normalize_alt_text(value)
+                text = value.replace("\n", " ").replace("\r", " ").strip()  # normalize_alt_text
                 if not text:
                     continue
                 if dropped is not None:
@@ -533,15 +550,18 @@ class Ingestor(Source):
                         counts["rows_dropped_bad_unicode"] += 1
                         dropped.append(bad)
                         continue
-                rows.append((resolved, text, key, page_url))
+                urls.append(resolved)
+                texts.append(text)
+                keys.append(key)
+                pages.append(page_url)
 
     @staticmethod
-    def _wat_rows_to_table(rows: list[tuple], shard: str) -> pa.Table:
-        if not rows:
+    def _wat_rows_to_table(cols: tuple[list, list, list, list], shard: str) -> pa.Table:
+        urls, texts, keys, pages = cols
+        if not urls:
             return PAIR_SCHEMA.empty_table()
-        urls, texts, keys, pages = zip(*rows, strict=True)
         url_arr = pa.array(urls, pa.string())
-        n = len(rows)
+        n = len(urls)
         return pa.Table.from_arrays(
             [
                 uids_of_urls(url_arr),
@@ -877,6 +897,119 @@ def _gzip_tail_state(url: str, start: int, magic: bytes | None = None) -> str:
 
 class _ShardTooLarge(Exception):
     """A JSONL shard grew past `max_shard_bytes` uncompressed (args: bytes seen)."""
+
+
+# Image URLs resolved without `urljoin` when they match a conservative pattern; every other URL
+# goes to urljoin. What the patterns leave out is what urlsplit/urlunsplit would change or reject:
+# tab/CR/LF (removed), other control characters and leading or trailing spaces (stripped by some
+# Pythons), backslashes, a fragment, an empty `;params` (dropped), a netloc that is not plain
+# ASCII or has brackets (IPv6 checks, NFKC check), an empty netloc; a relative reference has no
+# ":" (a scheme) and no ";" in its path (params). Tested against urljoin in test_ingest_fastpath.
+_NETLOC = r"[^\x00-\x20\x7f-\U0010ffff/?#\[\]\\]+"
+# a path ("/" or "/..." not ending in ";" or a space) and a non-empty query
+_TAIL = (
+    r"(?:/(?:[^\x00-\x1f\x7f?#\\]*[^\x00-\x20\x7f?#\\;])?)?"
+    r"(?:\?[^\x00-\x1f\x7f#\\]*[^\x00-\x20\x7f#\\])?"
+)
+#: An absolute http(s) URL that urljoin returns as it is, for any base that urlsplit accepts.
+_PLAIN_URL = re.compile(r"https?://" + _NETLOC + _TAIL)
+#: A network-path reference ("//host/path"): the base's scheme, ":", the reference.
+_PLAIN_NET_REF = re.compile(r"//" + _NETLOC + _TAIL)
+#: An absolute-path ("/a/b") or relative-path ("../a", "a/b") reference with an optional query.
+_PLAIN_PATH_REF = re.compile(
+    r"(?:/(?!/)[^\x00-\x1f\x7f?#\\;]*|[^\x00-\x20\x7f/?#\\:;][^\x00-\x1f\x7f?#\\:;]*)"
+    r"(?:\?[^\x00-\x1f\x7f#\\]*)?(?<![\x00-\x20])"
+)
+
+
+class _PageBase:
+    """The parts of a page URL that `urljoin(page_url, ref)` uses, parsed once per record.
+    `fast` is False when the page URL is not http(s) or does not parse: every link then goes
+    to urljoin itself (which raises for each link when the page URL does not parse)."""
+
+    __slots__ = ("fast", "scheme", "netloc", "dir_parts", "dir_dots")
+
+    def __init__(self, page_url: str) -> None:
+        self.fast = False
+        try:
+            base = urlparse(page_url, "")
+        except ValueError:
+            return
+        if base.scheme not in ("http", "https"):
+            return
+        self.fast = True
+        self.scheme, self.netloc = base.scheme, base.netloc
+        parts = base.path.split("/")
+        if parts[-1] != "":  # the last segment is not a directory
+            del parts[-1]
+        self.dir_parts = parts
+        self.dir_dots = "." in parts or ".." in parts
+
+
+def _resolve(page_url: Any, img: str, base: _PageBase | None) -> str:
+    """`urljoin(page_url, img)` (`img` itself when the page URL is not a string), as MetaCLIP
+    resolves image URLs, computed here for URLs of the plain patterns above; raises ValueError
+    as urljoin does for an unparseable URL."""
+    if not isinstance(page_url, str):
+        return img
+    if base is None or not base.fast:
+        return urljoin(page_url, img)
+    if img[0] == "h" and _PLAIN_URL.fullmatch(img) is not None and "/." not in img:
+        return img
+    if img[:2] == "//":
+        if _PLAIN_NET_REF.fullmatch(img) is not None and "/." not in img:
+            return base.scheme + ":" + img
+        return urljoin(page_url, img)
+    if _PLAIN_PATH_REF.fullmatch(img) is None:
+        return urljoin(page_url, img)
+    path, _, query = img.partition("?")
+    # urljoin's own path resolution (RFC 3986 with Python's quirks), on the base parsed once
+    if path[0] == "/":
+        segments = path.split("/")
+    else:
+        segments = base.dir_parts + path.split("/")
+        segments[1:-1] = filter(None, segments[1:-1])
+    if "." in path or (base.dir_dots and path[0] != "/"):
+        resolved: list[str] = []
+        for seg in segments:
+            if seg == "..":
+                if resolved:
+                    resolved.pop()
+            elif seg != ".":
+                resolved.append(seg)
+        if segments[-1] in (".", ".."):
+            resolved.append("")
+        segments = resolved
+    out = "/".join(segments) or "/"
+    netloc = base.netloc
+    # urlunsplit, for a scheme that uses a netloc
+    if netloc or out[:2] != "//":
+        if out[:1] != "/":
+            out = "/" + out
+        out = "//" + netloc + out
+    out = base.scheme + ":" + out
+    return out + "?" + query if query else out
+
+
+def _loads_wat(payload: bytes, deep: int) -> tuple[Any, bool]:
+    """`json.loads(payload)`, and whether the result may hold a lone surrogate.
+
+    orjson parses first; json (with its exceptions and its result) decides whenever orjson
+    refuses the input, which covers every input the two treat differently: lone surrogates
+    (escaped or as UTF-8 bytes, which json lets through), NaN/Infinity, a BOM, UTF-16/32, and
+    nesting over 1024. orjson's other differences do not reach a row: an integer over 64 bits
+    is a float (a number either way, never read), and duplicate keys keep the last value in
+    both. json's nesting limit is the interpreter's recursion limit less the stack in use, so a
+    payload with `deep` or more brackets is left to json, so that it fails exactly as before.
+    What orjson accepts is valid UTF-8 without surrogates: no pair needs the Unicode check.
+    """
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return json.loads(payload), _may_have_surrogate(payload)
+    if len(payload) >= deep and payload.count(b"[") + payload.count(b"{") >= deep:
+        return json.loads(payload), False
+    return doc, False
 
 
 def _may_have_surrogate(data: bytes) -> bool:
