@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,7 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.core import fsio
-from curation.synth.images import COLORS
+from curation.synth.eval_tasks import _text
+from curation.synth.images import COLORS, _tar
 
 __all__ = [
     "BOILERPLATE",
@@ -259,17 +259,6 @@ def _sizes(n: int, small_rate: float, rng: np.random.Generator) -> tuple[np.ndar
     return w.astype(np.int32), np.maximum(h, 1).astype(np.int32)
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            ti.mode = 0o644
-            tf.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _write_pairs(
     cfg: WorldConfig,
     painter: _Painter,
@@ -318,7 +307,7 @@ def _write_pairs(
                 (f"{uids[i]}.json", json.dumps(meta, sort_keys=True).encode()),
                 (f"{uids[i]}.txt", captions[i].encode()),
             ]
-        fsio.atomic_write_bytes(fsio.join(out_dir, "shards", f"{s:05d}.tar"), _tar_bytes(members))
+        fsio.atomic_write_bytes(fsio.join(out_dir, "shards", f"{s:05d}.tar"), _tar(members))
         if metadata:
             table = pa.table(
                 {
@@ -348,10 +337,6 @@ def _write_pairs(
     }
 
 
-def _text(lines: list[str] | tuple[str, ...]) -> bytes:
-    return ("\n".join(lines) + "\n").encode("utf-8")
-
-
 def _write_tasks(cfg: WorldConfig, painter: _Painter, names: list[str], out: str) -> None:
     k = cfg.concepts
     cls_dir = fsio.join(out, "tasks", "classification")
@@ -362,7 +347,7 @@ def _write_tasks(cfg: WorldConfig, painter: _Painter, names: list[str], out: str
     members = []
     for i, (c, jpg) in enumerate(zip(concepts.tolist(), jpgs, strict=True)):
         members += [(f"t{i:06d}.cls", str(c).encode()), (f"t{i:06d}.jpg", jpg)]
-    fsio.atomic_write_bytes(fsio.join(cls_dir, "test", "0.tar"), _tar_bytes(members))
+    fsio.atomic_write_bytes(fsio.join(cls_dir, "test", "0.tar"), _tar(members))
     fsio.atomic_write_bytes(fsio.join(cls_dir, "classnames.txt"), _text(names))
     fsio.atomic_write_bytes(
         fsio.join(cls_dir, "zeroshot_classification_templates.txt"),
@@ -379,7 +364,7 @@ def _write_tasks(cfg: WorldConfig, painter: _Painter, names: list[str], out: str
     members = []
     for i, (jpg, cap) in enumerate(zip(jpgs, caps, strict=True)):
         members += [(f"r{i:06d}.jpg", jpg), (f"r{i:06d}.txt", _text([cap]))]
-    fsio.atomic_write_bytes(fsio.join(ret_dir, "test", "0.tar"), _tar_bytes(members))
+    fsio.atomic_write_bytes(fsio.join(ret_dir, "test", "0.tar"), _tar(members))
     fsio.atomic_write_bytes(fsio.join(ret_dir, "dataset_type.txt"), _text(["retrieval"]))
 
 
