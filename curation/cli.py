@@ -779,11 +779,13 @@ class _DefaultGroup(click.Group):
 
 @main.group("filter", cls=_DefaultGroup, default="apply")
 def filter_group() -> None:
-    """DataComp filtering baselines: apply one to a pool (the default), convert DataComp assets.
+    """DataComp filtering baselines: apply one to a pool (the default), train the image_based
+    centroids, convert DataComp assets.
 
     \b
       curation filter POOL... --baseline NAME -o OUT   (= curation filter apply ...)
       curation filter convert-assets IN.pt -o OUT.npy
+      curation filter centroids POOL... -o OUT.npy --k N
     """
 
 
@@ -954,6 +956,103 @@ def convert_assets(in_path: str, out_path: str, dtype: str | None, key: str | No
 
     info = convert_torch_asset(in_path, out_path, dtype=dtype, key=key)
     click.echo(f"convert-assets: {in_path} → {out_path} {tuple(info['shape'])} {info['dtype']}")
+
+
+@filter_group.command("centroids")
+@click.argument("pool", nargs=-1, required=True)
+@click.option("-o", "--out", "out_path", required=True, help="OUT.npy: float32 (k, d) centroids.")
+@click.option("--k", "k", type=click.IntRange(min=1), required=True, help="Number of clusters.")
+@click.option(
+    "--sample-ratio",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Draw int(rows * ratio) rows per shard, with replacement, after the caption filter "
+    "(DataComp's --sample_ratio; for memory). Default: every row.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--embedding-key",
+    default=None,
+    help="Image embedding, an .npz key or a Parquet column (default: image_embedding when the "
+    "Parquet has it, else l14_img).",
+)
+@click.option(
+    "--no-caption-filter", is_flag=True, help="Cluster every row (DataComp's opt-out flag)."
+)
+@click.option("--lid-model", default=None, help="fastText language-id model for the filter.")
+@click.option(
+    "--niter", type=click.IntRange(min=1), default=20, show_default=True, help="k-means iterations."
+)
+@click.option(
+    "--gpus",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    help="GPUs the k-means task asks Ray for; faiss-gpu uses every GPU of its node. 0: CPU.",
+)
+@NO_GLOB
+@ADDRESS
+@NUM_CPUS
+@QUIET
+def centroids_cmd(
+    pool: tuple[str, ...],
+    out_path: str,
+    k: int,
+    sample_ratio: float | None,
+    seed: int,
+    embedding_key: str | None,
+    no_caption_filter: bool,
+    lid_model: str | None,
+    niter: int,
+    gpus: float,
+    no_glob: bool,
+    address: str | None,
+    num_cpus: int | None,
+    quiet: bool,
+) -> None:
+    """Train the pool k-means centroids for the image_based baseline (DataComp's
+    image_based_clustering.py): caption-filtered image embeddings read by Ray tasks, then faiss
+    k-means on one task (20 iterations, every point; all GPUs of its node with faiss-gpu and
+    --gpus). Writes OUT.npy (float32 k x d) and OUT.json (rows read, filtered, sampled; the
+    settings). POOL is folders, files or globs of DataComp shards or `curation score` output.
+
+    \b
+    Example:
+      curation filter centroids pool/metadata -o centroids.npy --k 100000 --gpus 8
+      curation filter pool/metadata --baseline image_based --centroids centroids.npy \\
+          --target-embeddings imagenet_l14.npy -o out/image_based
+    """
+    from curation.flows.centroids import build_centroids
+    from curation.stages.filters.language import LanguageId
+
+    if not out_path.endswith(".npy"):
+        raise click.UsageError(
+            f"-o {out_path}: the centroids are written as .npy; name a .npy file"
+        )
+    if lid_model and "://" not in lid_model and not os.path.isfile(lid_model):
+        raise click.UsageError(f"--lid-model {lid_model}: no such file")
+    _ray(address, num_cpus)
+    try:
+        info = build_centroids(
+            _literal(pool, no_glob),
+            out_path,
+            k,
+            key=embedding_key,
+            sample_ratio=sample_ratio,
+            seed=seed,
+            caption_filtering=not no_caption_filter,
+            language=LanguageId(lid_model) if lid_model else None,
+            niter=niter,
+            gpus=gpus,
+            progress=not quiet,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(
+        f"centroids: {info['training_rows']:,} training rows ({info['rows_read']:,} read, "
+        f"{info['rows_caption_passed']:,} pass the caption filter) of {info['shards']} shard(s) "
+        f"({info['key']}) → {out_path} {tuple(info['shape'])} float32"
+    )
 
 
 def _is_metadata_set(path: str, resolve: Any) -> bool:

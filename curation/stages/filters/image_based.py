@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -74,15 +75,35 @@ def sample_rows(n: int, ratio: float | None, seed: int, shard_index: int = 0) ->
     return rng.choice(n, size=int(n * ratio), replace=True) if n else np.arange(0)
 
 
+#: DataComp's setting: larger than any sample, so faiss trains on every point given.
+MAX_POINTS_PER_CENTROID = 10_000_000
+
+
+def _flat_l2_index(faiss: Any, d: int, gpus: bool) -> Any:
+    """An exact L2 index: replicated over all the GPUs faiss sees (float32, as DataComp's
+    `IndexReplicas` of `GpuIndexFlatL2`) when `gpus`, else on the CPU."""
+    index = faiss.IndexFlatL2(d)
+    if gpus and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:  # pragma: no cover
+        co = faiss.GpuMultipleClonerOptions()
+        co.useFloat16 = False
+        co.shard = False
+        index = faiss.index_cpu_to_all_gpus(index, co)
+    return index
+
+
 def train_centroids(
-    embeddings: np.ndarray, num_clusters: int, seed: int = 0, niter: int = 20, gpu: bool = False
+    embeddings: np.ndarray,
+    num_clusters: int,
+    seed: int = 0,
+    niter: int = 20,
+    gpus: bool = True,
 ) -> np.ndarray:
     """k-means centroids `(num_clusters, d)` float32 with faiss, as DataComp trains them.
 
     Mirrors `train_kmeans` in `baselines/image_based_clustering.py`: `faiss.Clustering` with
-    `niter=20`, `seed`, `max_points_per_centroid=10_000_000` (no sub-sampling by faiss) and an
-    exact L2 flat index (GPU in DataComp; CPU here unless `gpu=True` and faiss has GPUs). The
-    embeddings are used as given (not normalized), cast to float32.
+    `niter=20`, `seed`, `max_points_per_centroid=10_000_000` (faiss sub-samples nothing) and an
+    exact L2 flat index, on every GPU faiss sees (faiss-gpu) unless `gpus=False`, else on the
+    CPU. The embeddings are used as given (not normalized, not spherical), cast to float32.
     """
     try:
         import faiss
@@ -91,22 +112,16 @@ def train_centroids(
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     if x.ndim != 2 or len(x) < num_clusters:
         raise ValueError(
-            f"need at least num_clusters={num_clusters} training embeddings, got shape {x.shape}"
+            f"need at least num_clusters={num_clusters} training embeddings, got shape "
+            f"{x.shape}; lower the number of clusters, use more shards or a larger sample ratio"
         )
     d = x.shape[1]
     cluster = faiss.Clustering(d, num_clusters)
     cluster.verbose = False
     cluster.niter = niter
     cluster.seed = seed
-    cluster.max_points_per_centroid = 10_000_000
-    if gpu and faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU build and device
-        res = faiss.StandardGpuResources()
-        cfg = faiss.GpuIndexFlatConfig()
-        cfg.useFloat16 = False
-        index = faiss.GpuIndexFlatL2(res, d, cfg)
-    else:
-        index = faiss.IndexFlatL2(d)
-    cluster.train(x, index)
+    cluster.max_points_per_centroid = MAX_POINTS_PER_CENTROID
+    cluster.train(x, _flat_l2_index(faiss, d, gpus))
     return faiss.vector_float_to_array(cluster.centroids).reshape(num_clusters, d).copy()
 
 
@@ -119,6 +134,54 @@ def caption_filter(texts: pa.Array | pa.ChunkedArray, language: LanguageFn) -> n
     )
 
 
+def shard_training_embeddings(
+    url: str,
+    shard_index: int,
+    key: str = "l14_img",
+    caption_filtering: bool = True,
+    language: LanguageFn | None = None,
+    sample_ratio: float | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """One shard's share of the k-means training set, as DataComp's `load_embedding_helper`
+    selects it: the float32 embeddings `key` of the rows passing `caption_filter` (unless
+    `caption_filtering=False`), then `sample_rows(…, seed, shard_index)`; with the counts
+    `rows`, `caption_passed` and `sampled`. `language` must be set up already."""
+    table = datacomp.read_shard(
+        url, columns=["text"] if caption_filtering else [], embeddings=[key]
+    )
+    emb = datacomp.embedding_matrix(table, key)
+    rows = len(emb)
+    if caption_filtering:
+        lang = language if language is not None else LanguageId()
+        emb = emb[caption_filter(table.column("text"), lang)]
+    sample = emb[sample_rows(len(emb), sample_ratio, seed, shard_index)]
+    counts = {"rows": rows, "caption_passed": len(emb), "sampled": len(sample)}
+    return np.ascontiguousarray(sample, dtype=np.float32), counts
+
+
+def load_training_embeddings(
+    shard_urls: Sequence[str],
+    key: str = "l14_img",
+    caption_filtering: bool = True,
+    language: LanguageFn | None = None,
+    sample_ratio: float | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """The float32 `(rows, d)` k-means training set of `shard_urls`, in this process:
+    `shard_training_embeddings` of each shard, stacked in shard order."""
+    if caption_filtering:
+        language = language if language is not None else LanguageId()
+        getattr(language, "setup", lambda: None)()
+    parts = [
+        shard_training_embeddings(u, i, key, caption_filtering, language, sample_ratio, seed)[0]
+        for i, u in enumerate(shard_urls)
+    ]
+    if not parts:
+        raise ValueError("no shards to read: give a pool folder or .parquet files")
+    return np.concatenate(parts)
+
+
 def train_pool_centroids(
     shard_urls: Sequence[str],
     num_clusters: int,
@@ -129,24 +192,11 @@ def train_pool_centroids(
     language: LanguageFn | None = None,
     niter: int = 20,
 ) -> np.ndarray:
-    """k-means centroids of a pool's image embeddings, as DataComp's clustering script does.
-
-    Mirrors `image_based_clustering.py`: per shard, the embeddings `key` of the rows passing
-    `caption_filter` (unless `caption_filtering=False`), sub-sampled by `sample_rows` when
-    `sample_ratio` is given, stacked in shard order, then `train_centroids`. All sampled rows
-    are held in memory (rows x dim x 4 bytes).
-    """
-    lang = language if language is not None else LanguageId()
-    if caption_filtering:
-        getattr(lang, "setup", lambda: None)()
-    parts = []
-    for i, url in enumerate(shard_urls):
-        table = datacomp.read_shard(url, columns=["text"], embeddings=[key])
-        emb = datacomp.embedding_matrix(table, key)
-        if caption_filtering:
-            emb = emb[caption_filter(table.column("text"), lang)]
-        parts.append(emb[sample_rows(len(emb), sample_ratio, seed, i)])
-    x = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    """k-means centroids of a pool's image embeddings, as DataComp's clustering script makes
+    them, in this process: `load_training_embeddings`, then `train_centroids`. All sampled rows
+    are held in memory (rows x dim x 4 bytes); `curation filter centroids`
+    (`curation.flows.centroids`) reads the shards on Ray tasks instead."""
+    x = load_training_embeddings(shard_urls, key, caption_filtering, language, sample_ratio, seed)
     return train_centroids(x, num_clusters, seed=seed, niter=niter)
 
 
