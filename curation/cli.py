@@ -1134,6 +1134,14 @@ def _is_metadata_set(path: str, resolve: Any) -> bool:
     show_default=True,
     help="Seeds random weights.",
 )
+@click.option(
+    "--decode",
+    type=click.Choice(["pil", "device"]),
+    default="pil",
+    show_default=True,
+    help="pil: exact open_clip preprocessing on CPU. device: JPEGs decoded and resized on the "
+    "scorer's device (nvJPEG on GPU); faster, scores differ slightly (not bit-identical).",
+)
 @NO_GLOB
 @ADDRESS
 @NUM_CPUS
@@ -1155,6 +1163,7 @@ def score(
     max_shard_bytes: int,
     image_column: str | None,
     seed: int,
+    decode: str,
     no_glob: bool,
     address: str | None,
     num_cpus: int | None,
@@ -1198,6 +1207,7 @@ def score(
         num_actors=num_actors,
         cpus_per_actor=cpus_per_actor,
         image_column=image_column,
+        decode=decode,
         overwrite=overwrite,
         progress=not quiet,
     )
@@ -1205,6 +1215,123 @@ def score(
         f"score {model}: {s['shards']} shards, rows in {s['rows_read']:,}, scored "
         f"{s['rows_written']:,}, dropped {s['rows_dropped']} on {s['actors']} {s['device']} "
         f"actor(s); quarantined {s['quarantined']} → {out_dir}"
+    )
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
+@click.option(
+    "--model",
+    default="curation-tiny-vit",
+    show_default=True,
+    help="open_clip architecture (DataComp's targets: ViT-L-14).",
+)
+@click.option("--checkpoint", default=None, help="Local weights: .safetensors or a torch file.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (must be cached).")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast on GPU, fp32 on CPU.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option(
+    "--files-per-shard",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Loose image files per unit of work (and per part file).",
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
+)
+@click.option("--num-actors", type=click.IntRange(min=1), default=None, help="Default: 1 per GPU.")
+@click.option("--cpus-per-actor", type=click.IntRange(min=1), default=None)
+@click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True)
+@click.option("--image-column", default=None, help="Parquet image tables: the image-bytes column.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, help="Seeds random weights.")
+@NO_GLOB
+@ADDRESS
+@NUM_CPUS
+@OVERWRITE
+@QUIET
+def embed(
+    images: tuple[str, ...],
+    out_dir: str,
+    model: str,
+    checkpoint: str | None,
+    pretrained: str | None,
+    device: str,
+    precision: str,
+    batch_size: int,
+    chunk_rows: int,
+    files_per_shard: int,
+    dtype: str,
+    num_actors: int | None,
+    cpus_per_actor: int | None,
+    max_pixels: int,
+    image_column: str | None,
+    seed: int,
+    no_glob: bool,
+    address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Image embeddings of an image collection with open_clip (e.g. DataComp's image_based
+    targets: ImageNet-1k train images, ViT-L-14), with curation score's preprocessing.
+
+    IMAGES are image files or folders of them (walked; .jpg .jpeg .png .webp ..., any case),
+    and/or image shards (.tar, .tar.gz, .tgz, .parquet). Writes OUT/embeddings.npy (rows in
+    shard then row order; what --target-embeddings takes), part-<shard>.parquet (key, url,
+    sizes, image_embedding), quarantine.jsonl and manifest.json. Resumable.
+
+    \b
+    Example:
+      curation embed imagenet/train -o out/in1k_l14 --model ViT-L-14 \\
+          --checkpoint vit_l14.safetensors
+      curation filter pool/metadata --baseline image_based --centroids centroids.npy \\
+          --target-embeddings out/in1k_l14/embeddings.npy -o out/image_based
+    """
+    from curation.flows.embed import embed_images
+    from curation.io.images import ImageLimits
+    from curation.stages.score import ClipScorer
+
+    scorer = ClipScorer(
+        model,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        precision=precision,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    _ray(address, num_cpus)
+    s = embed_images(
+        list(images),
+        out_dir,
+        scorer,
+        limits=ImageLimits(max_pixels=max_pixels),
+        chunk_rows=chunk_rows,
+        files_per_shard=files_per_shard,
+        dtype=dtype,
+        device=device,
+        num_actors=num_actors,
+        cpus_per_actor=cpus_per_actor,
+        image_column=image_column,
+        literal=no_glob,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    click.echo(
+        f"embed {model}: rows in {s['rows_read']:,}, embedded {s['rows_written']:,}, dropped "
+        f"{s['rows_dropped']} on {s['actors']} {s['device']} actor(s); quarantined "
+        f"{s['quarantined']} → {out_dir}/embeddings.npy ({s['embeddings']:,} rows)"
     )
 
 
