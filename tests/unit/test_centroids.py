@@ -116,3 +116,13 @@ def test_too_few_rows_raise(tmp_path):
         train_pool_centroids(urls, 99, language=stub_language)
     with pytest.raises(ValueError, match="no shards"):
         load_training_embeddings([], language=stub_language)
+
+
+def test_both_faiss_wheels_are_refused():
+    from curation.stages.filters.image_based import check_one_faiss
+
+    check_one_faiss(["numpy", "faiss-cpu"])
+    check_one_faiss(["faiss_gpu_cu12"])
+    with pytest.raises(RuntimeError, match="both faiss-cpu and faiss-gpu-cu12"):
+        check_one_faiss(["faiss-cpu", "faiss_gpu_cu12"])
+    check_one_faiss()  # this environment: one of them

@@ -79,6 +79,23 @@ def sample_rows(n: int, ratio: float | None, seed: int, shard_index: int = 0) ->
 MAX_POINTS_PER_CENTROID = 10_000_000
 
 
+def check_one_faiss(installed: Sequence[str] | None = None) -> None:
+    """Refuse an environment with both faiss-cpu and a faiss-gpu wheel: they install the same
+    `faiss` module over each other, and which one imports is an accident of install order."""
+    if installed is None:
+        from importlib import metadata
+
+        installed = [d.metadata["Name"] or "" for d in metadata.distributions()]
+    names = {n.lower().replace("_", "-") for n in installed}
+    gpu = sorted(n for n in names if n.startswith("faiss-gpu"))
+    if "faiss-cpu" in names and gpu:
+        raise RuntimeError(
+            f"both faiss-cpu and {', '.join(gpu)} are installed (the same `faiss` module); "
+            f"pip uninstall -y faiss-cpu {' '.join(gpu)}, then install one: curation[filters] "
+            "on CPU nodes, curation[gpu] on GPU nodes"
+        )
+
+
 def _flat_l2_index(faiss: Any, d: int, gpus: bool) -> Any:
     """An exact L2 index: replicated over all the GPUs faiss sees (float32, as DataComp's
     `IndexReplicas` of `GpuIndexFlatL2`) when `gpus`, else on the CPU."""
@@ -105,10 +122,13 @@ def train_centroids(
     exact L2 flat index, on every GPU faiss sees (faiss-gpu) unless `gpus=False`, else on the
     CPU. The embeddings are used as given (not normalized, not spherical), cast to float32.
     """
+    check_one_faiss()
     try:
         import faiss
     except ImportError as e:  # pragma: no cover
-        raise ImportError("k-means needs faiss: pip install 'faiss-cpu>=1.8'") from e
+        raise ImportError(
+            "k-means needs faiss: pip install 'curation[filters]' (CPU) or 'curation[gpu]'"
+        ) from e
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     if x.ndim != 2 or len(x) < num_clusters:
         raise ValueError(
