@@ -110,6 +110,17 @@ def _list_array(groups: np.ndarray, values: np.ndarray, n: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.uint32)))
 
 
+def _read_matched(matched: str, cols: list[str]) -> pa.Table:
+    """The columns `cols` of a match stage folder's parts, concatenated (typed empty columns
+    when there are no rows)."""
+    parts = [read_part(s.input, cols) for s in parts_of(matched)]
+    table = pa.concat_tables(parts, promote_options="permissive") if parts else None
+    if table is None or not table.num_rows:
+        table = pa.table({c: pa.array([], pa.list_(pa.uint32()) if c == "entry_ids"
+                          else pa.string()) for c in cols})  # fmt: skip
+    return table
+
+
 class OnlineBalancer:
     """Per-pass keep decisions and text choice of MetaCLIP's online balancing (see the module).
 
@@ -178,10 +189,8 @@ class OnlineBalancer:
         with fs.open(path, "rb") as f:
             if "lang" in pq.read_schema(f).names:
                 return cls.load_worldwide(matched, counts, t, tail_proportion, seed, rule)
-        parts = [read_part(s.input, ["uid", "text", "entry_ids"]) for s in parts_of(matched)]
-        table = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
         return cls(
-            table,
+            _read_matched(matched, ["uid", "text", "entry_ids"]),
             read_counts(counts),
             t=t,
             tail_proportion=tail_proportion,
@@ -219,12 +228,7 @@ class OnlineBalancer:
         langs = sorted(by_lang)
         offsets = np.zeros(len(langs) + 1, dtype=np.int64)
         np.cumsum([len(by_lang[k]) for k in langs], out=offsets[1:])
-        cols = ["uid", "text", "lang", "entry_ids"]
-        parts = [read_part(s.input, cols) for s in parts_of(matched)]
-        table = pa.concat_tables(parts, promote_options="permissive") if parts else None
-        if table is None or not table.num_rows:
-            table = pa.table({c: pa.array([], pa.list_(pa.uint32()) if c == "entry_ids"
-                              else pa.string()) for c in cols})  # fmt: skip
+        table = _read_matched(matched, ["uid", "text", "lang", "entry_ids"])
         ids = _combined(table.column("entry_ids"))
         li = language_index(table.column("lang"), langs, OTHER)
         parents = pc.list_parent_indices(ids).to_numpy(zero_copy_only=False).astype(np.int64)
