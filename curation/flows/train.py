@@ -142,8 +142,6 @@ def _read_log(out: str) -> list[dict[str, Any]]:
 
 def write_loss_curve(rows: list[dict[str, Any]], url: str, title: str = "") -> None:
     """Loss (and learning rate) against samples seen, as a PNG at `url`."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,11 +156,9 @@ def write_loss_curve(rows: list[dict[str, Any]], url: str, title: str = "") -> N
     ax2.plot(x, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
     ax2.set_ylabel("learning rate")
     ax.set_title(title or "curation train")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    fsio.atomic_write_bytes(url, buf.getvalue())
+    from curation.io.report import save_png
+
+    save_png(fig, url)
 
 
 def _local_copy(url: str, tmp: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,9 +33,20 @@ def top_entries(counts: np.ndarray, entries: Sequence[str], n: int = TOP_N) -> l
     return [{"entry_id": int(i), "entry": entries[i], "count": int(c[i])} for i in order if c[i]]
 
 
+def save_png(fig: Any, url: str) -> None:
+    """Write a matplotlib figure as a PNG to `url` (atomically), without the Software tag that
+    names the matplotlib version, so the bytes depend only on the figure; closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    fsio.atomic_write_bytes(url, buf.getvalue())
+
+
 def plot_counts(before: np.ndarray, after: np.ndarray, t: float, path: str) -> None:
     """Log-log rank/count plot of entry counts before and after balancing, with t marked."""
-    import io
 
     import matplotlib
 
@@ -53,11 +65,7 @@ def plot_counts(before: np.ndarray, after: np.ndarray, t: float, path: str) -> N
     ax.set_title("Concept distribution (metadata entry counts)")
     ax.legend()
     ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    fsio.atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def write_report(
@@ -212,7 +220,6 @@ def write_job_report(
 def plot_languages(rows: list[dict[str, Any]], path: str, top: int = 30) -> None:
     """Bar chart of rows per language before and after balancing (MetaCLIP 2's language mix),
     the `top` languages by rows, log scale; deterministic PNG bytes."""
-    import io
 
     import matplotlib
 
@@ -234,11 +241,7 @@ def plot_languages(rows: list[dict[str, Any]], path: str, top: int = 30) -> None
     ax.set_title(f"Language mix (rows per language, top {len(shown)} of {len(rows)})")
     ax.legend()
     ax.grid(True, axis="y", which="major", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    fsio.atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def write_language_report(
