@@ -62,10 +62,9 @@ def _remote_identity(fs: Any, path: str) -> dict[str, Any] | None:
     cause: only a 404/410 is absence here; anything else is retried and then raised as an
     OSError, so a throttled store never records an input as missing in a stage fingerprint.
     """
-    import time
+    from curation.core.retry import with_backoff
 
-    delay = 0.5
-    for attempt in range(1, IDENTITY_ATTEMPTS + 1):
+    def probe() -> dict[str, Any] | None:
         try:
             return _identity(fs.info(path))
         except FileNotFoundError as exc:
@@ -74,14 +73,23 @@ def _remote_identity(fs: Any, path: str) -> dict[str, Any] | None:
             http = bool(protos & {"http", "https"})
             if not http or cause is None or getattr(cause, "status", None) in (404, 410):
                 return None  # object stores and disks say "absent" only when it is
-            err: Exception = cause
-        except OSError as exc:
-            err = exc
-        if attempt == IDENTITY_ATTEMPTS:
-            raise OSError(f"{redact_url(path)}: {type(err).__name__}: {err}") from err
-        time.sleep(delay)
-        delay *= 2
-    raise AssertionError("unreachable")  # pragma: no cover
+            raise _NotReallyMissing(cause) from exc
+
+    def give_up(exc: Exception, _: int) -> OSError:
+        err = exc.args[0] if isinstance(exc, _NotReallyMissing) else exc
+        return OSError(f"{redact_url(path)}: {type(err).__name__}: {err}")
+
+    return with_backoff(
+        probe,
+        attempts=IDENTITY_ATTEMPTS,
+        first_delay_s=0.5,
+        transient=lambda e: isinstance(e, (OSError, _NotReallyMissing)),
+        give_up=give_up,
+    )
+
+
+class _NotReallyMissing(Exception):
+    """fsspec's HTTP "not found" that was a transient failure (its cause)."""
 
 
 def file_identity(url: str) -> dict[str, Any] | None:

@@ -208,20 +208,17 @@ def with_io_retries(fn: Callable[[], Any], what: str) -> Any:
     A missing file is not transient: `FileNotFoundError` is raised at once. After the last
     attempt the error propagates (Ray retries the task; then the run fails loudly).
     """
-    delay = IO_BACKOFF_S
-    for attempt in range(1, IO_ATTEMPTS + 1):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if attempt == IO_ATTEMPTS:
-                raise TransientIOError(
-                    f"{what}: {type(exc).__name__}: {exc} ({attempt} attempts)"
-                ) from exc
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")  # pragma: no cover
+    from curation.core.retry import oserror_not_missing, with_backoff
+
+    return with_backoff(
+        fn,
+        attempts=IO_ATTEMPTS,
+        first_delay_s=IO_BACKOFF_S,
+        transient=oserror_not_missing,
+        give_up=lambda exc, n: TransientIOError(
+            f"{what}: {type(exc).__name__}: {exc} ({n} attempts)"
+        ),
+    )
 
 
 #: When local asset files go to the workers through the object store: "auto" (only when the

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -147,29 +146,31 @@ def decompress_bounded(data: bytes, source: str, max_bytes: int = MAX_LISTING_BY
 def _read_bytes(source: str, max_bytes: int) -> bytes:
     """The bytes of `source` (at most `max_bytes` + 1 are read); transient storage errors are
     tried again, then raised as `InputError` naming the listing."""
+    from curation.core.retry import oserror_not_missing, with_backoff
+
     fs, path = url_to_fs(source)
-    delay = 0.5
-    for attempt in range(1, _READ_ATTEMPTS + 1):
-        try:
-            with fs.open(path, "rb") as f:
-                data = bytearray()
-                while chunk := f.read(1 << 20):
-                    data += chunk
-                    if len(data) > max_bytes:
-                        raise ListingError(f"paths listing {source} is over {max_bytes:,} bytes")
-                return bytes(data)
-        except (FileNotFoundError, ListingError):
-            raise
-        except Exception as exc:
-            if not isinstance(exc, OSError) and not _is_network_error(exc):
-                raise
-            if attempt == _READ_ATTEMPTS:
-                raise InputError(
-                    f"cannot read paths listing {source!r}: {type(exc).__name__}: {exc}"
-                ) from exc
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")  # pragma: no cover
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            data = bytearray()
+            while chunk := f.read(1 << 20):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise ListingError(f"paths listing {source} is over {max_bytes:,} bytes")
+            return bytes(data)
+
+    return with_backoff(
+        read,
+        attempts=_READ_ATTEMPTS,
+        first_delay_s=0.5,
+        transient=lambda e: (
+            not isinstance(e, ListingError)
+            and (oserror_not_missing(e) or (not isinstance(e, OSError) and _is_network_error(e)))
+        ),
+        give_up=lambda exc, _: InputError(
+            f"cannot read paths listing {source!r}: {type(exc).__name__}: {exc}"
+        ),
+    )
 
 
 def _is_network_error(exc: BaseException) -> bool:
