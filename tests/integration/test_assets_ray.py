@@ -15,18 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from integration.two_node import attempt, run_scenario, two_node_cluster
+
 TEXTS = ["a red car", "the blue car is red", "nothing", "car car", "a red, red rose", ""]
 ENTRIES = ["red", "car", "blue car", "rose", "is red"]
 SHARDS = 4
@@ -87,39 +84,20 @@ def two_node_scenario(root: Path) -> dict:
     placed on the worker node (the only one with a GPU, a bare resource here) by
     `run_actor_stage`. Returns what happened."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from curation.core.stage import Resources, Shard
     from curation.executor.runner import run_actor_stage, run_stage, ship_assets
 
     shards = [Shard(n, u) for n, u in _inputs(root)]
-    os.chdir(root / "a")
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_cpu": 1}}
-    )
-    try:
-        os.chdir(root / "b")  # the worker node's processes start here: no meta/ folder
-        cluster.add_node(num_cpus=1, num_gpus=1)
-        os.chdir(root / "a")
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-        cluster.wait_for_nodes()
-
-        @ray.remote(num_cpus=1, resources={"head_cpu": 1})
-        class HoldHeadCpu:
-            def node(self) -> str:
-                return ray.get_runtime_context().get_node_id()
-
-        hold = HoldHeadCpu.remote()
-        head = ray.get(hold.node.remote())  # the head's one CPU is taken: shards run elsewhere
-        out: dict = {"nodes": len([n for n in ray.nodes() if n["Alive"]]), "head": head}
+    with two_node_cluster(root, worker_gpus=1) as info:
+        hold = info["hold"]
+        out: dict = {"nodes": info["nodes"], "head": info["head"]}
 
         stage = _match_stage("meta/my_metadata.json")
         os.environ["CURATION_SHIP_ASSETS"] = "never"
-        try:
-            run_stage(stage, shards, str(root / "out-never"), fp={"t": 1}, progress=False)
-            out["never"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
-            out["never"] = f"{type(exc).__name__}: {exc}"[:2000]
+        out["never"] = attempt(
+            lambda: run_stage(stage, shards, str(root / "out-never"), fp={"t": 1}, progress=False)
+        )
         os.environ["CURATION_SHIP_ASSETS"] = "auto"
         shipment = ship_assets(stage)
         out["shipped"] = {k: [b.basename, b.sha256, b.size] for k, (b, _) in shipment.items()}
@@ -135,18 +113,13 @@ def two_node_scenario(root: Path) -> dict:
             "fp": {"t": 1}, "start_timeout": 120, "progress": False,
         }  # fmt: skip
         os.environ["CURATION_SHIP_ASSETS"] = "never"
-        try:
-            run_actor_stage(stage, shards, str(root / "actor-never"), **actor_run)
-            out["actor_never"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
-            out["actor_never"] = f"{type(exc).__name__}: {exc}"[:2000]
+        out["actor_never"] = attempt(
+            lambda: run_actor_stage(stage, shards, str(root / "actor-never"), **actor_run)
+        )
         os.environ["CURATION_SHIP_ASSETS"] = "auto"
         markers = run_actor_stage(stage, shards, str(root / "actor-shipped"), **actor_run)
         out["actor_counts"] = {k: m["counts"] for k, m in sorted(markers.items())}
         return out
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -156,31 +129,7 @@ def test_a_local_asset_reaches_workers_of_another_node(tmp_path):
 
     root = tmp_path / "scenario"
     cache = tmp_path / "cache"
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths are length-limited
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATION_SHIP_ASSETS")}
-    env.update(
-        RAY_AUTH_MODE="disabled",
-        RAY_TMPDIR=ray_tmp,
-        CURATION_ASSET_CACHE=str(cache),
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, __file__, str(root)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: killed as one if it hangs
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}"
-    got = json.loads(stdout.strip().splitlines()[-1])
+    got = run_scenario(__file__, root, CURATION_ASSET_CACHE=str(cache))
     assert got["nodes"] == 2
 
     # without shipping the worker node cannot read the driver's relative path

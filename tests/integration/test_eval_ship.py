@@ -2,7 +2,7 @@
 another node through the object store (like a stage's assets), and a one-node run ships nothing.
 
 The two-node cluster (`ray.cluster_utils.Cluster`, 1 CPU each) runs in a subprocess (this file
-run as a script), as in test_assets_ray.py: the worker node starts in another working
+run as a script, `two_node.run_scenario`): the worker node starts in another working
 directory, so the driver's relative checkpoint path (`w/rand.safetensors`) does not resolve
 there, and the head's CPU is held by an actor, so the task runs on the worker node. Without
 shipping it fails there; with it the metrics equal an in-process evaluation's.
@@ -13,14 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from integration.two_node import attempt, run_scenario, two_node_cluster
 
 
 def _world(root: Path) -> tuple[str, str]:
@@ -44,47 +40,22 @@ def _world(root: Path) -> tuple[str, str]:
 
 
 def two_node_scenario(root: Path) -> dict:
-    import ray
-    from ray.cluster_utils import Cluster
-
     from curation.flows.evaluate import evaluate_command
     from curation.stages.score import TINY_MODEL
 
     _, task = _world(root)
-    os.chdir(root / "a")
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_cpu": 1}}
-    )
-    try:
-        os.chdir(root / "b")  # the worker node's processes start here: no w/ folder
-        cluster.add_node(num_cpus=1)
-        os.chdir(root / "a")
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-        cluster.wait_for_nodes()
-
-        @ray.remote(num_cpus=1, resources={"head_cpu": 1})
-        class HoldHeadCpu:
-            def node(self) -> str:
-                return ray.get_runtime_context().get_node_id()
-
-        hold = HoldHeadCpu.remote()
-        ray.get(hold.node.remote())  # the head's CPU is taken: the task runs on the other node
-        out: dict = {"nodes": len([n for n in ray.nodes() if n["Alive"]])}
+    with two_node_cluster(root) as info:
+        out: dict = {"nodes": info["nodes"]}
         model = {"model": TINY_MODEL, "checkpoint": "w/rand.safetensors", "pretrained": None}
         args = {"device": "cpu", "batch_size": 24, "progress": False}
         os.environ["CURATION_SHIP_ASSETS"] = "never"
-        try:
-            evaluate_command(model, [task], str(root / "never.json"), **args)
-            out["never"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
-            out["never"] = f"{type(exc).__name__}: {exc}"[:2000]
+        out["never"] = attempt(
+            lambda: evaluate_command(model, [task], str(root / "never.json"), **args)
+        )
         os.environ["CURATION_SHIP_ASSETS"] = "auto"
         doc = evaluate_command(model, [task], str(root / "shipped.json"), **args)
         out["metrics"] = doc["tasks"][0]["metrics"]
         return out
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_the_checkpoint_reaches_workers_of_another_node(tmp_path):
@@ -92,32 +63,9 @@ def test_the_checkpoint_reaches_workers_of_another_node(tmp_path):
     from curation.stages.score import TINY_MODEL
 
     root, cache = tmp_path / "scenario", tmp_path / "cache"
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths are length-limited
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CURATION_SHIP_ASSETS")}
-    env.update(
-        RAY_AUTH_MODE="disabled",
-        RAY_TMPDIR=ray_tmp,
-        CURATION_ASSET_CACHE=str(cache),
-        CURATION_IO_BACKOFF_S="0.01",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    got = run_scenario(
+        __file__, root, timeout=300, CURATION_ASSET_CACHE=str(cache), CURATION_IO_BACKOFF_S="0.01"
     )
-    proc = subprocess.Popen(
-        [sys.executable, __file__, str(root)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: killed as one if it hangs
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}"
-    got = json.loads(stdout.strip().splitlines()[-1])
     assert got["nodes"] == 2
     assert got["never"] != "ok" and "rand.safetensors" in got["never"], got["never"]
 
