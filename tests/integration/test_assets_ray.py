@@ -45,6 +45,34 @@ def _inputs(root: Path) -> list[tuple[str, str]]:
     return shards
 
 
+WW = {"en": ["red", "car", "rose"], "de": ["rot", "Auto", "Rose"]}
+WW_ROWS = [("a red car", "en"), ("ein rotes Auto", "de"), ("die Rose ist rot", "de"),
+           ("a rose", "en"), ("rouge", "fr"), ("", "en")]  # fmt: skip
+
+
+def _world_inputs(root: Path) -> list[tuple[str, str]]:
+    """A per-language metadata folder at `root/a/meta_ww/` (`<lang>.json`, as MetaCLIP 2's
+    `data/metadata/`) and langid-like parts (`text`, `lang`)."""
+    (root / "a" / "meta_ww").mkdir(parents=True, exist_ok=True)
+    for lang, entries in WW.items():
+        (root / "a" / "meta_ww" / f"{lang}.json").write_text(json.dumps(entries))
+    shards = []
+    for i in range(2):
+        rows = WW_ROWS[i:] + WW_ROWS[:i]
+        p = root / "in_ww" / f"part-w{i}.parquet"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": [t for t, _ in rows], "lang": [g for _, g in rows]}), p)
+        shards.append((f"w{i}", str(p)))
+    return shards
+
+
+def _world_match_stage(folder: str):
+    from curation.core.metadata import load_metadata_set
+    from curation.flows.worldwide import LanguageMatchStage
+
+    return LanguageMatchStage(folder, load_metadata_set(folder).checksum, "auto", True)
+
+
 def _match_stage(metadata: str):
     from curation.core.metadata import load_metadata
     from curation.stages.match import MatchStage
@@ -89,6 +117,7 @@ def two_node_scenario(root: Path) -> dict:
     from curation.executor.runner import run_actor_stage, run_stage, ship_assets
 
     shards = [Shard(n, u) for n, u in _inputs(root)]
+    ww_shards = [Shard(n, u) for n, u in _world_inputs(root)]
     with two_node_cluster(root, worker_gpus=1) as info:
         hold = info["hold"]
         out: dict = {"nodes": info["nodes"], "head": info["head"]}
@@ -104,6 +133,19 @@ def two_node_scenario(root: Path) -> dict:
         del shipment
         markers = run_stage(stage, shards, str(root / "out-shipped"), fp={"t": 1}, progress=False)
         out["counts"] = {k: m["counts"] for k, m in sorted(markers.items())}
+
+        # a worldwide metadata folder: one asset per <lang>.json
+        ww = _world_match_stage("meta_ww")
+        os.environ["CURATION_SHIP_ASSETS"] = "never"
+        out["ww_never"] = attempt(
+            lambda: run_stage(ww, ww_shards, str(root / "ww-never"), fp={"t": 1}, progress=False)
+        )
+        os.environ["CURATION_SHIP_ASSETS"] = "auto"
+        shipment = ship_assets(ww)
+        out["ww_shipped"] = sorted(shipment)
+        del shipment
+        markers = run_stage(ww, ww_shards, str(root / "ww-shipped"), fp={"t": 1}, progress=False)
+        out["ww_counts"] = {k: m["counts"] for k, m in sorted(markers.items())}
 
         ray.kill(hold)  # producers may now run on either node; the actor needs the GPU
         stage = _match_stage("meta/my_metadata.json")
@@ -153,6 +195,17 @@ def test_a_local_asset_reaches_workers_of_another_node(tmp_path):
     for i in range(SHARDS):
         name = f"part-s{i}.parquet"
         assert (shipped / name).read_bytes() == (normal / name).read_bytes()
+
+    # a per-language metadata folder is shipped file by file and matches as a normal run
+    assert "FileNotFoundError" in got["ww_never"] and "meta_ww" in got["ww_never"], got["ww_never"]
+    assert got["ww_shipped"] == ["metadata:de", "metadata:en"]
+    ww_shards = [Shard(f"w{i}", str(root / "in_ww" / f"part-w{i}.parquet")) for i in range(2)]
+    ww_normal = tmp_path / "ww_normal"
+    ww = _world_match_stage(str(root / "a" / "meta_ww"))
+    ww_markers = run_stage(ww, ww_shards, str(ww_normal), fp={"t": 1}, progress=False)
+    assert got["ww_counts"] == {k: m["counts"] for k, m in sorted(ww_markers.items())}
+    assert _read(root / "ww-shipped").equals(_read(ww_normal))
+    assert got["ww_counts"]["w0"]["matches"] == 6  # red, car | rot, Auto | Rose, rot | rose
 
     # the same through run_actor_stage, its actor on the worker node
     assert got["actor_never"].startswith("ValueError: match: FileNotFoundError")
