@@ -1,5 +1,6 @@
-"""`curation filter centroids` on Ray: the centroids equal a direct faiss run of DataComp's
-`train_kmeans` on the rows its `caption_filter` keeps, and `filter apply` takes them."""
+"""`curation filter centroids` on Ray: the centroids equal the in-process run's (which
+tests/unit/test_centroids.py checks against a direct faiss run of DataComp's `train_kmeans` on
+the rows its `caption_filter` keeps), and `filter apply` takes them."""
 
 from __future__ import annotations
 
@@ -11,35 +12,12 @@ import pytest
 
 from curation.flows.centroids import build_centroids
 from curation.io import datacomp
-from curation.stages.filters import LanguageId, caption_filter, sample_rows
+from curation.stages.filters.image_based import load_training_embeddings, train_pool_centroids
 
 from .conftest import run_cli
 from .test_filter_ray import make_pool
 
 faiss = pytest.importorskip("faiss")
-
-
-def reference_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """`train_kmeans` of DataComp's script, with a CPU flat index in place of the GPU one."""
-    d = x.shape[1]
-    cluster = faiss.Clustering(d, k)
-    cluster.niter = 20
-    cluster.seed = seed
-    cluster.max_points_per_centroid = 10000000
-    cluster.train(np.ascontiguousarray(x, dtype=np.float32), faiss.IndexFlatL2(d))
-    return faiss.vector_float_to_array(cluster.centroids).reshape(k, d)
-
-
-def reference_rows(urls: list[str], key: str, ratio: float | None, seed: int) -> np.ndarray:
-    """DataComp's `load_embedding_helper`, per shard in order: caption filter, then sample."""
-    lang = LanguageId()
-    lang.setup()
-    parts = []
-    for i, url in enumerate(urls):
-        t = datacomp.read_shard(url, columns=["text"], embeddings=[key])
-        emb = datacomp.embedding_matrix(t, key)[caption_filter(t.column("text"), lang)]
-        parts.append(emb[sample_rows(len(emb), ratio, seed, i)])
-    return np.concatenate(parts)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +31,11 @@ def test_centroids_equal_reference(pool, tmp_path, ray_cluster, ratio):
     folder, urls = pool
     out = str(tmp_path / "c.npy")
     rec = build_centroids([str(folder)], out, k=6, sample_ratio=ratio, seed=3)
-    x = reference_rows(urls, "l14_img", ratio, 3)
-    np.testing.assert_array_equal(np.load(out), reference_kmeans(x, 6, seed=3))
+    # in this process, shard after shard: bit-equal to a direct faiss run (tests/unit)
+    x = load_training_embeddings(urls, sample_ratio=ratio, seed=3)
+    np.testing.assert_array_equal(
+        np.load(out), train_pool_centroids(urls, 6, sample_ratio=ratio, seed=3)
+    )
     assert rec["training_rows"] == len(x) and rec["rows_read"] == 900
     assert 0 < rec["rows_caption_passed"] < 900  # the OTHER captions are filtered out
     on_disk = json.loads((tmp_path / "c.json").read_text())
@@ -75,8 +56,7 @@ def test_scored_output_uses_image_embedding_column(pool, tmp_path, ray_cluster):
     out = str(tmp_path / "c.npy")
     rec = build_centroids([str(tmp_path / "part-*.parquet")], out, k=4, seed=0)
     assert rec["key"] == "image_embedding"
-    expected = reference_kmeans(reference_rows(urls, "l14_img", None, 0), 4, seed=0)
-    np.testing.assert_array_equal(np.load(out), expected)
+    np.testing.assert_array_equal(np.load(out), train_pool_centroids(urls, 4, seed=0))
 
 
 def test_cli_centroids_then_image_based_filter(pool, tmp_path, ray_cluster):
