@@ -567,6 +567,52 @@ def map_shards(
     return ray.get(refs)
 
 
+def map_then_combine(
+    fn: Callable[..., tuple[Any, Any]],
+    shards: Sequence[Any],
+    *args: Any,
+    combine: Callable[..., Any],
+    combine_args: tuple = (),
+    combine_gpus: float = 0,
+    check: Callable[[list[Any]], None] | None = None,
+    progress: str | None = None,
+) -> tuple[list[Any], Any]:
+    """`fn(shard, *args)` → `(payload, info)` on a Ray task per shard (I/O errors retried),
+    then `combine(*combine_args, *payloads)` (payloads in shard order) on one task holding
+    `combine_gpus` GPUs; returns `(infos in shard order, combine's result)`.
+
+    The payloads (e.g. a k-means training set) go from the map tasks to the combine task
+    through the object store, never through the driver, which holds only the small infos;
+    `check(infos)` runs on the driver before combine starts (to refuse what cannot work).
+    """
+    import ray
+
+    remote = ray.remote(
+        num_cpus=1, num_returns=2, max_retries=TASK_RETRIES, retry_exceptions=[TransientIOError]
+    )(_map_task)
+    fn_ref = ray.put(fn)
+    arg_refs = [ray.put(a) for a in args]
+    refs = [remote.remote(fn_ref, s, *arg_refs) for s in shards]
+    bar = Progress(progress or "", len(refs), 0, enabled=progress is not None)
+    try:
+        pending = [info for _, info in refs]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)  # a failed task raises here, as soon as it fails
+            bar.shard_done({})
+    finally:
+        bar.close()
+    infos = ray.get([info for _, info in refs])
+    if check is not None:
+        check(infos)
+    task = ray.remote(num_cpus=1, num_gpus=combine_gpus, max_retries=0)(_combine_payloads)
+    return infos, ray.get(task.remote(combine, combine_args, *[p for p, _ in refs]))
+
+
+def _combine_payloads(combine: Callable[..., Any], head: tuple, *payloads: Any) -> Any:
+    return combine(*head, *payloads)
+
+
 def _map_task(fn: Callable[..., Any], shard: Any, *args: Any) -> Any:
     return with_io_retries(lambda: fn(shard, *args), str(shard))
 

@@ -48,31 +48,29 @@ def default_embedding_key(shard_url: str) -> str:
     )
 
 
-def _shard_task(
-    url: str,
-    index: int,
+def _shard_rows(
+    item: tuple[int, str],
     key: str,
     language: LanguageFn | None,
     shipment: dict[str, Any],
     sample_ratio: float | None,
     seed: int,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """Ray task body: one shard's training rows (language model set up from its local copy)."""
-    from curation.executor.runner import local_files, with_io_retries
+    """Task body: one shard's training rows and counts (the language model set up from its
+    local copy)."""
+    from curation.executor.runner import local_files
 
+    index, url = item
     if language is not None:
         getattr(language, "use_assets", lambda _: None)(local_files(shipment))
         getattr(language, "setup", lambda: None)()
-    return with_io_retries(
-        lambda: shard_training_embeddings(
-            url, index, key, language is not None, language, sample_ratio, seed
-        ),
-        url,
+    return shard_training_embeddings(
+        url, index, key, language is not None, language, sample_ratio, seed
     )
 
 
-def _kmeans_task(k: int, seed: int, niter: int, *parts: np.ndarray) -> np.ndarray:
-    """Ray task body: k-means over the shards' rows in shard order, on every core of the node
+def _kmeans(k: int, seed: int, niter: int, *parts: np.ndarray) -> np.ndarray:
+    """Task body: k-means over the shards' rows in shard order, on every core of the node
     (the shard tasks it waits for are done by the time it runs)."""
     import faiss
 
@@ -102,14 +100,7 @@ def build_centroids(
     `default_embedding_key` of the first shard; `gpus` is what the k-means task asks Ray for
     (0: a CPU node, k-means on faiss' CPU index). Arguments are checked before any work.
     """
-    import ray
-
-    from curation.executor.runner import (
-        TASK_RETRIES,
-        Progress,
-        TransientIOError,
-        ship_files,
-    )
+    from curation.executor.runner import map_then_combine, ship_files
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -128,35 +119,29 @@ def build_centroids(
     lang = (language if language is not None else LanguageId()) if caption_filtering else None
     shipment = ship_files(getattr(lang, "assets", dict)()) if lang is not None else {}
 
-    shard_remote = ray.remote(
-        num_cpus=1, num_returns=2, max_retries=TASK_RETRIES, retry_exceptions=[TransientIOError]
-    )(_shard_task)
-    lang_ref, ship_ref = ray.put(lang), ray.put(shipment)
-    refs = [
-        shard_remote.remote(u, i, key, lang_ref, ship_ref, sample_ratio, seed)
-        for i, u in enumerate(shards)
-    ]
-    bar = Progress("centroids: shards", len(refs), 0, enabled=progress)
-    try:
-        pending = [counts for _, counts in refs]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)  # a failed shard raises here, before k-means starts
-            bar.shard_done({})
-    finally:
-        bar.close()
-    per_shard = ray.get([counts for _, counts in refs])
-    sampled = sum(c["sampled"] for c in per_shard)
-    if sampled < k:
-        raise ValueError(
-            f"need at least k={k} training embeddings, got {sampled} (of "
-            f"{sum(c['rows'] for c in per_shard)} rows read); lower --k, use more shards or a "
-            "larger --sample-ratio"
-        )
-    kmeans_remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_kmeans_task)
-    centroids = ray.get(kmeans_remote.remote(k, seed, niter, *[arr for arr, _ in refs]))
-    del refs
+    def enough(per_shard: list[dict[str, int]]) -> None:
+        if sum(c["sampled"] for c in per_shard) < k:
+            raise ValueError(
+                f"need at least k={k} training embeddings, got "
+                f"{sum(c['sampled'] for c in per_shard)} (of {sum(c['rows'] for c in per_shard)} "
+                "rows read); lower --k, use more shards or a larger --sample-ratio"
+            )
 
+    per_shard, centroids = map_then_combine(
+        _shard_rows,
+        list(enumerate(shards)),
+        key,
+        lang,
+        shipment,
+        sample_ratio,
+        seed,
+        combine=_kmeans,
+        combine_args=(k, seed, niter),
+        combine_gpus=gpus,
+        check=enough,
+        progress="centroids" if progress else None,
+    )
+    sampled = sum(c["sampled"] for c in per_shard)
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(centroids, dtype=np.float32))
     fsio.atomic_write_bytes(out, buf.getvalue())
