@@ -29,14 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _pool(folder: Path, shards: int, per_shard: int, size: int) -> list[str]:
+def jpeg_pool(folder: Path, shards: int, per_shard: int, size: int) -> list[str]:
+    """`curation synth --images` tars of `size`-px JPEGs under `folder`; their paths."""
     from curation.synth.images import write_synthetic_image_pool
 
     write_synthetic_image_pool(str(folder), shards, per_shard, 0, image_size=size)
     return sorted(str(p) for p in folder.glob("*.tar"))
 
 
-def _decoded(files: list[str], transform) -> tuple:
+def decode_pixels(files: list[str], transform) -> tuple:
+    """The exact path over whole tars: (uint8 pixels, captions, seconds), one core."""
     import numpy as np
 
     from curation.io.images import decode_images, read_tar
@@ -51,9 +53,10 @@ def _decoded(files: list[str], transform) -> tuple:
     return np.concatenate(pix), texts, time.perf_counter() - t0
 
 
-def _model_rate(scorer, pixels, texts, repeats: int = 1) -> float:
+def model_throughput(scorer, pixels, texts, repeats: int = 1) -> float:
+    """img/s of `scorer.score` on pixels already in memory (model alone, after a warm-up)."""
     scorer.score(pixels[: scorer.batch_size], texts[: scorer.batch_size])  # warm up
-    sync = _sync(scorer)
+    sync = device_sync(scorer)
     t0 = time.perf_counter()
     for _ in range(repeats):
         scorer.score(pixels, texts)
@@ -61,7 +64,8 @@ def _model_rate(scorer, pixels, texts, repeats: int = 1) -> float:
     return repeats * len(pixels) / (time.perf_counter() - t0)
 
 
-def _sync(scorer):
+def device_sync(scorer):
+    """A function that waits for the scorer's device (a no-op on the CPU)."""
     import torch
 
     if getattr(scorer, "device", "cpu").startswith("cuda"):
@@ -69,7 +73,8 @@ def _sync(scorer):
     return lambda: None
 
 
-def _end_to_end(files, out: Path, scorer, **kw) -> tuple[float, dict]:
+def end_to_end(files, out: Path, scorer, **kw) -> tuple[float, dict]:
+    """`score_shards` over `files`: (img/s, summary); `kw` go to `score_shards`."""
     from curation.flows.score import score_shards
 
     t0 = time.perf_counter()
@@ -77,15 +82,15 @@ def _end_to_end(files, out: Path, scorer, **kw) -> tuple[float, dict]:
     return s["rows_written"] / (time.perf_counter() - t0), s
 
 
-def _steady_state(files, tmp: Path, make_scorer, **kw) -> tuple[int, float, float, dict]:
+def steady_state(files, tmp: Path, make_scorer, **kw) -> tuple[int, float, float, dict]:
     """End to end on a quarter of the shards and on all of them, after a warm-up run (Ray
     worker processes import torch once). Returns (images, seconds for all, steady-state img/s:
     the difference of the two runs, which cancels the fixed cost of starting the actors)."""
-    _end_to_end(files[:1], tmp / "warm", make_scorer(), **kw)
+    end_to_end(files[:1], tmp / "warm", make_scorer(), **kw)
     runs = []
     for i, k in enumerate((max(1, len(files) // 4), len(files))):
         t0 = time.perf_counter()
-        _, s = _end_to_end(files[:k], tmp / f"run{i}", make_scorer(), **kw)
+        _, s = end_to_end(files[:k], tmp / f"run{i}", make_scorer(), **kw)
         runs.append((s["rows_written"], time.perf_counter() - t0))
     (n1, t1), (n2, t2) = runs
     return n2, t2, (n2 - n1) / (t2 - t1), s
@@ -98,15 +103,15 @@ def bench_cpu(tmp: Path, shards: int = 4, per_shard: int = 1000) -> None:
     from curation.stages.score import TINY_MODEL, ClipScorer
 
     torch.set_num_threads(1)
-    files = _pool(tmp / "pool", shards, per_shard, 256)
+    files = jpeg_pool(tmp / "pool", shards, per_shard, 256)
     scorer = ClipScorer(TINY_MODEL, batch_size=256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scorer.setup()
-    pixels, texts, dec_s = _decoded(files, scorer.pixel_transform())
+    pixels, texts, dec_s = decode_pixels(files, scorer.pixel_transform())
     n = len(pixels)
     dec_rate = n / dec_s
-    model_rate = _model_rate(scorer, pixels, texts)
+    model_rate = model_throughput(scorer, pixels, texts)
     share = (1 / dec_rate) / (1 / dec_rate + 1 / model_rate)
     print(
         f"score CPU, {TINY_MODEL} ({scorer.image_size} px), {n:,} JPEGs of 256 px, one core: "
@@ -116,7 +121,7 @@ def bench_cpu(tmp: Path, shards: int = 4, per_shard: int = 1000) -> None:
     ensure_ray(num_cpus=2)
     # Two pool sizes: the difference cancels the fixed cost (actor start: a fresh process
     # importing torch and building the model), leaving the steady-state rate.
-    n2, t2, steady, s = _steady_state(files, tmp, lambda: ClipScorer(TINY_MODEL, batch_size=256))
+    n2, t2, steady, s = steady_state(files, tmp, lambda: ClipScorer(TINY_MODEL, batch_size=256))
     print(
         f"score CPU end to end (Ray, 2 CPUs: {s['actors']} actor + 1 decode task, Ray start "
         f"excluded): {n2:,} images in {t2:.1f} s = {n2 / t2:,.0f} img/s including actor start; "
@@ -138,7 +143,7 @@ def bench_gpu(tmp: Path, models: list[str], images: int, device: str = "cuda") -
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     cpus = os.cpu_count() or 1
     shards = max(cpus - 1, 4)  # one per decode CPU, and enough for two pool sizes
-    files = _pool(tmp / "gpool", shards, -(-images // shards), 256)
+    files = jpeg_pool(tmp / "gpool", shards, -(-images // shards), 256)
     ensure_ray(num_cpus=cpus)
     for model in models:
         for bs in (256,):
@@ -146,13 +151,13 @@ def bench_gpu(tmp: Path, models: list[str], images: int, device: str = "cuda") -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 scorer.setup()
-            pixels, texts, dec_s = _decoded(files[:1], scorer.pixel_transform())
+            pixels, texts, dec_s = decode_pixels(files[:1], scorer.pixel_transform())
             reps = max(1, 20_000 // len(pixels))
-            alone = _model_rate(scorer, pixels, texts, repeats=reps)
+            alone = model_throughput(scorer, pixels, texts, repeats=reps)
             px = scorer.image_size
             del scorer
             torch.cuda.empty_cache()
-            n2, t2, steady, s = _steady_state(
+            n2, t2, steady, s = steady_state(
                 files,
                 tmp / model,
                 lambda m=model, b=bs: ClipScorer(m, batch_size=b),

@@ -3,7 +3,10 @@
 Per input shard (a webdataset tar or a Parquet image table, see `curation.io.images`):
 
 1. a CPU task reads the shard (streamed, bounded) and decodes its images in chunks of
-   `chunk_rows` with the model's own resize/crop (`PixelTransform`), yielding uint8 pixels;
+   `chunk_rows` with the model's own resize/crop (`PixelTransform`), yielding uint8 pixels
+   (`decode="pil"`, the default: exactly open_clip's `preprocess`). With `decode="device"` the
+   task checks only image headers and ships plain JPEGs as bytes; the scorer decodes and
+   resizes them on its device (`curation.stages.device_decode`; not bit-identical);
 2. a pool of scorer actors (one per GPU with `num_gpus=1`, or CPU actors when there is no GPU)
    turns each chunk into embeddings and scores (`curation.stages.score.ClipScorer`);
 3. the driver writes `OUT/part-<shard>.parquet` atomically, then `OUT/_done/<shard>.json`.
@@ -47,7 +50,14 @@ from curation.io.parts import (
     part_url,
     shard_names,
 )
-from curation.stages.score import OUTPUT_COLUMNS, ScoreStage, assemble_shard, decode_chunks
+from curation.stages.device_decode import DECODE_MODES, DevicePreprocess
+from curation.stages.score import (
+    OUTPUT_COLUMNS,
+    ScoreStage,
+    assemble_shard,
+    decode_chunks,
+    probe_chunks,
+)
 
 __all__ = ["OUTPUT_COLUMNS", "score_shards"]
 
@@ -178,6 +188,7 @@ def score_shards(
     num_actors: int | None = None,
     cpus_per_actor: int | None = None,
     image_column: str | None = None,
+    decode: str = "pil",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -185,12 +196,17 @@ def score_shards(
 
     `scorer` is a `ClipScorer` (not yet set up); its device is chosen here from the cluster:
     one actor per GPU when there are GPUs (`device` auto or cuda), else CPU actors.
+    `decode`: `pil` (default) decodes and resizes in CPU tasks exactly as open_clip's
+    `preprocess`; `device` decodes JPEGs on the scorer's device (nvJPEG on a GPU), faster but
+    not bit-identical (`curation.stages.device_decode`).
     """
     check_output_location(out)
     check_output_not_in_inputs(out, inputs)
 
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"--decode must be one of {DECODE_MODES}, got {decode!r}")
     limits = limits or ImageLimits()
     urls = list_image_shards(inputs)
     check_image_shards(urls, image_column)
@@ -203,6 +219,11 @@ def score_shards(
     scorer.num_threads = max(1, int(options["num_cpus"]))  # leave the other cores to decoding
     pp = scorer.expected_preprocess()  # each actor checks its model agrees
     transform = PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
+    on_device = (
+        DevicePreprocess(pp["size"], pp["interpolation"], pp["resize_mode"], limits)
+        if decode == "device"
+        else None
+    )
     params = {
         **scorer.describe(),
         "checkpoint_sha256": scorer.checkpoint_digest(),
@@ -210,14 +231,15 @@ def score_shards(
         "chunk_rows": chunk_rows,
         "image_column": image_column,
         "device": dev,
+        "decode": decode,
     }
     fp = {"stage": "score", "params": params, "inputs": inputs_fingerprint(urls, out)}
     resources = Resources(cpus=options["num_cpus"], gpus=options.get("num_gpus", 0), actor=True)
     markers = run_actor_stage(
-        ScoreStage(scorer, resources),
+        ScoreStage(scorer, resources, on_device),
         shards,
         out,
-        split=decode_chunks,
+        split=probe_chunks if on_device else decode_chunks,
         split_args=(limits, transform, chunk_rows, image_column),
         num_actors=n_actors,
         finish=finish_shard,

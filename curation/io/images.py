@@ -55,6 +55,7 @@ __all__ = [
     "decode_images",
     "iter_image_shard",
     "list_image_shards",
+    "probe_images",
     "read_image_shard",
     "read_parquet_images",
     "read_tar",
@@ -689,10 +690,12 @@ class PixelTransform:
         return (PixelTransform, (self.size, self.interpolation, self.resize_mode))
 
 
-def _open_bounded(data: bytes, limits: ImageLimits) -> Any:
-    """Open an image, checking the declared size before any pixel is decoded."""
-    from PIL import Image
+def _open_header(data: bytes, limits: ImageLimits) -> Any:
+    """Open an image and check its declared size; only the header is read, no pixel decoded."""
+    from PIL import Image, UnidentifiedImageError
 
+    if not data:
+        raise UnidentifiedImageError("empty image bytes")
     with warnings.catch_warnings():
         # Our own limit is checked next; Pillow's hard limit (DecompressionBombError at twice
         # Image.MAX_IMAGE_PIXELS, about 179M pixels) still applies on top of it.
@@ -701,12 +704,36 @@ def _open_bounded(data: bytes, limits: ImageLimits) -> Any:
     w, h = im.size
     if w * h > limits.max_pixels:
         raise _TooLarge(f"{w}x{h} = {w * h:,} pixels > max_pixels {limits.max_pixels:,}")
+    return im
+
+
+def _open_bounded(data: bytes, limits: ImageLimits) -> Any:
+    """Open an image, checking the declared size before any pixel is decoded."""
+    im = _open_header(data, limits)
     im.load()
     return im
 
 
 class _TooLarge(Exception):
     pass
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What opening or decoding a bad image raises (each is quarantined, see `_failure`)."""
+    from PIL import Image
+
+    return (_TooLarge, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError)
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """The quarantine `(reason, detail)` of an error from `_decode_errors()`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, (_TooLarge, Image.DecompressionBombError)):
+        return "image_too_large", str(exc)
+    if isinstance(exc, UnidentifiedImageError):
+        return "not_an_image", f"not one of {', '.join(IMAGE_FORMATS)}"
+    return "decode_error", _stable(f"{type(exc).__name__}: {exc}")
 
 
 def _stable(msg: str) -> str:
@@ -730,8 +757,6 @@ def decode_images(
     `not_an_image` (no allowed decoder recognises the bytes) or `decode_error` (truncated or
     corrupt data). Decoding is inherently one image at a time; everything after it is batched.
     """
-    from PIL import Image, UnidentifiedImageError
-
     limits = limits or ImageLimits()
     blobs = images.to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else images
     n = len(blobs)
@@ -741,21 +766,43 @@ def decode_images(
     failures: list[tuple[str, str]] = []
     for i, data in enumerate(blobs):
         try:
-            if not data:
-                raise UnidentifiedImageError("empty image bytes")
             im = _open_bounded(data, limits)
             out.append(transform(im))
             sizes.append(im.size)
             ok[i] = True
-        except (_TooLarge, Image.DecompressionBombError) as exc:
-            failures.append(("image_too_large", str(exc)))
-        except UnidentifiedImageError:
-            failures.append(("not_an_image", f"not one of {', '.join(IMAGE_FORMATS)}"))
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            failures.append(("decode_error", _stable(f"{type(exc).__name__}: {exc}")))
+        except _decode_errors() as exc:
+            failures.append(_failure(exc))
     if out:
         pixels = np.stack(out)
     else:
         size = getattr(transform, "size", 0)
         pixels = np.zeros((0, size, size, 3), dtype=np.uint8)
     return pixels, ok, failures, np.asarray(sizes, dtype=np.int32).reshape(-1, 2)
+
+
+def probe_images(
+    images: pa.Array | pa.ChunkedArray | Sequence[bytes],
+    limits: ImageLimits | None = None,
+) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray, list[tuple[str, str]]]:
+    """Read only the headers of images: `(ok[n], failures, sizes, kinds)`, no pixel decoded.
+
+    The same checks, in the same order and with the same reasons, as `decode_images` makes
+    before it decodes (`not_an_image`, `image_too_large`, `decode_error` for a broken header);
+    damage in the pixel data is only found by decoding. `sizes[n_ok, 2]` (int32) are the
+    declared width and height, `kinds[n_ok]` Pillow's `(format, mode)`, e.g. `("JPEG", "RGB")`.
+    """
+    limits = limits or ImageLimits()
+    blobs = images.to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else images
+    ok = np.zeros(len(blobs), dtype=bool)
+    sizes: list[tuple[int, int]] = []
+    kinds: list[tuple[str, str]] = []
+    failures: list[tuple[str, str]] = []
+    for i, data in enumerate(blobs):
+        try:
+            im = _open_header(data, limits)
+            sizes.append(im.size)
+            kinds.append((str(im.format), str(im.mode)))
+            ok[i] = True
+        except _decode_errors() as exc:
+            failures.append(_failure(exc))
+    return ok, failures, np.asarray(sizes, dtype=np.int32).reshape(-1, 2), kinds

@@ -37,7 +37,14 @@ import pyarrow as pa
 from curation.core.accounting import quarantine_record
 from curation.core.stage import Resources, Shard, Stage, StageOutput
 from curation.io.datacomp import embedding_column
-from curation.io.images import ImageLimits, PixelTransform, decode_images, iter_image_shard
+from curation.io.images import (
+    ImageLimits,
+    PixelTransform,
+    decode_images,
+    iter_image_shard,
+    probe_images,
+)
+from curation.stages.device_decode import DevicePreprocess, device_decodable
 
 __all__ = [
     "CONFIG_DIR",
@@ -46,6 +53,7 @@ __all__ = [
     "cached_pretrained_file",
     "ScoreResult",
     "load_state_dict",
+    "probe_chunks",
     "register_model_configs",
     "resolve_device",
 ]
@@ -336,12 +344,31 @@ class ClipScorer:
             for lo in range(0, len(pixels), self.batch_size):
                 batch = np.require(pixels[lo : lo + self.batch_size], requirements=["C", "W"])
                 x = torch.from_numpy(batch)
-                x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-                x = (x - self._mean) / self._std
-                with self._autocast():
-                    f = self._model.encode_image(x)
-                out.append(_normalize(f.float()).cpu().numpy())
+                x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                out.append(self._encode_uint8(x))
         return _concat(out, self.embed_dim)
+
+    def embed_image_tensor(self, x: Any) -> np.ndarray:
+        """uint8 torch `(n, 3, H, W)` (already on the device, e.g. decoded there) → float32
+        unit-norm image embeddings `(n, d)`; the same fixed `batch_size` slices as
+        `embed_images`."""
+        import torch
+
+        self.setup()
+        with torch.inference_mode():
+            out = [
+                self._encode_uint8(x[lo : lo + self.batch_size].to(self.device))
+                for lo in range(0, len(x), self.batch_size)
+            ]
+        return _concat(out, self.embed_dim)
+
+    def _encode_uint8(self, x: Any) -> np.ndarray:
+        """uint8 NCHW on the device → `/ 255`, normalize, encode, L2-normalize (one batch)."""
+        x = x.float().div_(255)
+        x = (x - self._mean) / self._std
+        with self._autocast():
+            f = self._model.encode_image(x)
+        return _normalize(f.float()).cpu().numpy()
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Captions → float32 unit-norm text embeddings `(n, d)` (null captions count as "")."""
@@ -358,11 +385,18 @@ class ClipScorer:
                 out.append(_normalize(f.float()).cpu().numpy())
         return _concat(out, self.embed_dim)
 
-    def score(self, pixels: np.ndarray, texts: list[str]) -> ScoreResult:
-        """Embeddings of both sides and their cosine similarity, row by row."""
+    def score(self, pixels: Any, texts: list[str]) -> ScoreResult:
+        """Embeddings of both sides and their cosine similarity, row by row.
+
+        `pixels`: uint8 numpy `(n, H, W, 3)` (`embed_images`) or a uint8 torch tensor
+        `(n, 3, H, W)` (`embed_image_tensor`, the `--decode device` path).
+        """
         if len(pixels) != len(texts):
             raise ValueError(f"{len(pixels)} images but {len(texts)} texts")
-        img = self.embed_images(pixels)
+        if isinstance(pixels, np.ndarray):
+            img = self.embed_images(pixels)
+        else:
+            img = self.embed_image_tensor(pixels)
         txt = self.embed_texts(texts)
         s = np.einsum("nd,nd->n", img, txt, dtype=np.float32) if len(img) else np.zeros(0)
         return ScoreResult(s.astype(np.float32), img, txt)
@@ -482,6 +516,62 @@ def decode_chunks(
         yield {"meta": meta, "pixels": pixels, "counts": counts, "quarantine": quarantine}
 
 
+def probe_chunks(
+    shard: Shard,
+    limits: ImageLimits,
+    transform: PixelTransform,
+    chunk_rows: int,
+    image_column: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The CPU half of `--decode device` (`curation.stages.device_decode`): like
+    `decode_chunks`, but plain JPEGs are only checked by their header and shipped as bytes.
+
+    Each chunk: `meta` (kept rows, in shard order; sizes from the headers), `on_device` (bool
+    per `meta` row), `jpeg` (list of bytes: the images of the `on_device` rows) with `jpeg_sizes`
+    (their header width, height), `pixels` (uint8, the other rows decoded here by the exact
+    path), `counts`, `quarantine`, and `shard` / `input` for the scorer's quarantine records.
+    """
+    for img in iter_image_shard(
+        shard.input, limits, image_column, shard=shard.name, chunk_rows=chunk_rows
+    ):
+        part = img.table
+        blobs = part.column("image").to_pylist()
+        ok, failures, sizes, kinds = probe_images(blobs, limits)
+        rows = np.flatnonzero(ok)
+        reasons = dict(zip(np.flatnonzero(~ok).tolist(), failures, strict=True))
+        to_dev = np.array(
+            [device_decodable(blobs[i], k) for i, k in zip(rows, kinds, strict=True)], dtype=bool
+        )
+        cpu = rows[~to_dev]
+        pixels, ok_cpu, cpu_failures, _ = decode_images([blobs[i] for i in cpu], transform, limits)
+        ok[cpu[~ok_cpu]] = False
+        reasons.update(zip(cpu[~ok_cpu].tolist(), cpu_failures, strict=True))
+        counts: Counter = Counter(img.counts)
+        counts["images_decoded_cpu"] += int(ok_cpu.sum())
+        quarantine = list(img.quarantine)
+        keys = part.column("key").to_pylist()
+        for i in sorted(reasons):  # in row order, as decode_chunks
+            reason, detail = reasons[i]
+            counts[f"rows_dropped_{reason}"] += 1
+            quarantine.append(
+                quarantine_record("score", shard.name, shard.input, reason, detail, key=keys[i])
+            )
+        kept = ok[rows]  # of the header-checked rows, those still kept
+        meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes[kept])
+        dev_rows = rows[to_dev]
+        yield {
+            "meta": meta,
+            "on_device": to_dev[kept],
+            "jpeg": [blobs[i] for i in dev_rows],
+            "jpeg_sizes": sizes[to_dev],
+            "pixels": pixels,
+            "counts": counts,
+            "quarantine": quarantine,
+            "shard": shard.name,
+            "input": shard.input,
+        }
+
+
 class ScoreStage(Stage):
     """The GPU half of the score stage: a `ClipScorer` on an actor, scoring decoded chunks.
 
@@ -490,9 +580,16 @@ class ScoreStage(Stage):
 
     name = "score"
 
-    def __init__(self, scorer: ClipScorer, resources: Resources | None = None) -> None:
+    def __init__(
+        self,
+        scorer: ClipScorer,
+        resources: Resources | None = None,
+        device_preprocess: DevicePreprocess | None = None,
+    ) -> None:
         self.scorer = scorer
         self.resources = resources or Resources(cpus=1, actor=True)
+        #: decodes the JPEGs of `probe_chunks` chunks (`--decode device`); None: `pil` only
+        self.device_preprocess = device_preprocess
 
     def assets(self) -> dict[str, str]:
         """The scorer's weights file (see `ClipScorer.assets`)."""
@@ -507,7 +604,14 @@ class ScoreStage(Stage):
         self.scorer.setup()
 
     def process(self, chunk: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
-        """Scores and float16 embeddings of one decoded chunk (its counters pass through)."""
+        """Scores and float16 embeddings of one decoded chunk (its counters pass through).
+
+        A `probe_chunks` chunk (`--decode device`) has its JPEGs decoded here first."""
+        if "jpeg" in chunk:
+            if self.device_preprocess is None:
+                raise RuntimeError("a --decode device chunk, but this stage has no preprocess")
+            self.setup()
+            chunk = self.device_preprocess.finish(chunk, self.scorer.device)
         meta: pa.Table = chunk["meta"]
         res = self.scorer.score(chunk["pixels"], meta.column("text").to_pylist())
         d = self.scorer.embed_dim
