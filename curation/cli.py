@@ -1077,44 +1077,106 @@ def _is_metadata_set(path: str, resolve: Any) -> bool:
     return False
 
 
+def _scorer_options(fn: Any) -> Any:
+    """The open_clip model, actor pool, image and run options of `score` and `embed`."""
+    options = [
+        click.option(
+            "--model",
+            default="curation-tiny-vit",
+            show_default=True,
+            help="open_clip architecture (ViT-B-32, ViT-L-14, ...; curation-tiny-vit ships for "
+            "tests).",
+        ),
+        click.option("--checkpoint", default=None, help="Local weights: .safetensors or torch."),
+        click.option("--pretrained", default=None, help="open_clip pretrained tag (cached)."),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default="auto",
+            show_default=True,
+            help="auto: bf16 autocast on GPU, fp32 on CPU.",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option(
+            "--chunk-rows",
+            type=click.IntRange(min=1),
+            default=512,
+            show_default=True,
+            help="Images decoded per chunk handed to an actor.",
+        ),
+        click.option(
+            "--num-actors", type=click.IntRange(min=1), default=None, help="Default: 1 per GPU."
+        ),
+        click.option("--cpus-per-actor", type=click.IntRange(min=1), default=None),
+        click.option(
+            "--max-pixels",
+            type=click.IntRange(min=1),
+            default=50_000_000,
+            show_default=True,
+            help="Images declaring more pixels are refused before decoding.",
+        ),
+        click.option(
+            "--image-column",
+            default=None,
+            help="Parquet image tables: the image-bytes column (default: jpg, png, webp, "
+            "image, ...).",
+        ),
+        click.option(
+            "--decode",
+            type=click.Choice(["pil", "device"]),
+            default="pil",
+            show_default=True,
+            help="pil: exact open_clip preprocessing on CPU. device: JPEGs decoded and resized "
+            "on the actor's device (nvJPEG on GPU); faster, not bit-identical.",
+        ),
+        click.option(
+            "--seed",
+            type=click.IntRange(0, 2**64 - 1),
+            default=0,
+            show_default=True,
+            help="Seeds random weights.",
+        ),
+        NO_GLOB,
+        ADDRESS,
+        NUM_CPUS,
+        OVERWRITE,
+        QUIET,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _clip_scorer(
+    model: str,
+    checkpoint: str | None,
+    pretrained: str | None,
+    precision: str,
+    batch_size: int,
+    seed: int,
+) -> Any:
+    """The `ClipScorer` of `score` / `embed`'s options (not set up: actors load it)."""
+    from curation.stages.score import ClipScorer
+
+    return ClipScorer(
+        model,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        precision=precision,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
-@click.option(
-    "--model",
-    default="curation-tiny-vit",
-    show_default=True,
-    help="open_clip architecture (ViT-B-32, ViT-L-14, ...; curation-tiny-vit ships for tests).",
-)
-@click.option("--checkpoint", default=None, help="Local weights: .safetensors or a torch file.")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag (must be cached).")
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    default="auto",
-    show_default=True,
-    help="auto: bf16 autocast on GPU, fp32 on CPU.",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option(
-    "--chunk-rows",
-    type=click.IntRange(min=1),
-    default=512,
-    show_default=True,
-    help="Images decoded per chunk handed to a scorer actor.",
-)
-@click.option("--num-actors", type=click.IntRange(min=1), default=None, help="Default: 1 per GPU.")
-@click.option("--cpus-per-actor", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(min=1),
-    default=50_000_000,
-    show_default=True,
-    help="Images declaring more pixels are refused before decoding.",
-)
 @click.option(
     "--max-shard-bytes",
     type=click.IntRange(min=1),
@@ -1122,31 +1184,7 @@ def _is_metadata_set(path: str, resolve: Any) -> bool:
     show_default=True,
     help="A shard larger than this uncompressed is quarantined (bounds memory per worker).",
 )
-@click.option(
-    "--image-column",
-    default=None,
-    help="Parquet image tables: the image-bytes column (default: jpg, png, webp, image, ...).",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(0, 2**64 - 1),
-    default=0,
-    show_default=True,
-    help="Seeds random weights.",
-)
-@click.option(
-    "--decode",
-    type=click.Choice(["pil", "device"]),
-    default="pil",
-    show_default=True,
-    help="pil: exact open_clip preprocessing on CPU. device: JPEGs decoded and resized on the "
-    "scorer's device (nvJPEG on GPU); faster, scores differ slightly (not bit-identical).",
-)
-@NO_GLOB
-@ADDRESS
-@NUM_CPUS
-@OVERWRITE
-@QUIET
+@_scorer_options
 def score(
     shards: tuple[str, ...],
     out_dir: str,
@@ -1185,16 +1223,8 @@ def score(
     """
     from curation.flows.score import score_shards
     from curation.io.images import ImageLimits
-    from curation.stages.score import ClipScorer
 
-    scorer = ClipScorer(
-        model,
-        checkpoint=checkpoint,
-        pretrained=pretrained,
-        precision=precision,
-        batch_size=batch_size,
-        seed=seed,
-    )
+    scorer = _clip_scorer(model, checkpoint, pretrained, precision, batch_size, seed)
     limits = ImageLimits(max_pixels=max_pixels, max_shard_bytes=max_shard_bytes)
     _ray(address, num_cpus)
     s = score_shards(
@@ -1222,26 +1252,6 @@ def score(
 @click.argument("images", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", required=True, help="Output folder (any fsspec URL).")
 @click.option(
-    "--model",
-    default="curation-tiny-vit",
-    show_default=True,
-    help="open_clip architecture (DataComp's targets: ViT-L-14).",
-)
-@click.option("--checkpoint", default=None, help="Local weights: .safetensors or a torch file.")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag (must be cached).")
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    default="auto",
-    show_default=True,
-    help="auto: bf16 autocast on GPU, fp32 on CPU.",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--chunk-rows", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option(
     "--files-per-shard",
     type=click.IntRange(min=1),
     default=1024,
@@ -1251,16 +1261,7 @@ def score(
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
 )
-@click.option("--num-actors", type=click.IntRange(min=1), default=None, help="Default: 1 per GPU.")
-@click.option("--cpus-per-actor", type=click.IntRange(min=1), default=None)
-@click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True)
-@click.option("--image-column", default=None, help="Parquet image tables: the image-bytes column.")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, help="Seeds random weights.")
-@NO_GLOB
-@ADDRESS
-@NUM_CPUS
-@OVERWRITE
-@QUIET
+@_scorer_options
 def embed(
     images: tuple[str, ...],
     out_dir: str,
@@ -1278,6 +1279,7 @@ def embed(
     max_pixels: int,
     image_column: str | None,
     seed: int,
+    decode: str,
     no_glob: bool,
     address: str | None,
     num_cpus: int | None,
@@ -1301,16 +1303,8 @@ def embed(
     """
     from curation.flows.embed import embed_images
     from curation.io.images import ImageLimits
-    from curation.stages.score import ClipScorer
 
-    scorer = ClipScorer(
-        model,
-        checkpoint=checkpoint,
-        pretrained=pretrained,
-        precision=precision,
-        batch_size=batch_size,
-        seed=seed,
-    )
+    scorer = _clip_scorer(model, checkpoint, pretrained, precision, batch_size, seed)
     _ray(address, num_cpus)
     s = embed_images(
         list(images),
@@ -1324,6 +1318,7 @@ def embed(
         num_actors=num_actors,
         cpus_per_actor=cpus_per_actor,
         image_column=image_column,
+        decode=decode,
         literal=no_glob,
         overwrite=overwrite,
         progress=not quiet,

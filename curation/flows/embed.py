@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,19 +40,21 @@ from curation.core.accounting import (
     write_stage_manifest,
 )
 from curation.core.fingerprint import inputs_fingerprint
-from curation.core.stage import Resources, Shard, Stage
+from curation.core.stage import Resources, Shard
 from curation.executor.runner import check_output_location, cluster_resources, run_actor_stage
 from curation.io.datacomp import embedding_column
 from curation.io.images import (
     IMAGE_EXTS,
     TAR_SUFFIXES,
     ImageLimits,
+    ImageShard,
     PixelTransform,
-    decode_images,
+    iter_image_shard,
     list_image_shards,
 )
 from curation.io.parts import check_output_not_in_inputs, finish_part, leased, part_url
-from curation.stages.score import decode_chunks
+from curation.stages.device_decode import DECODE_MODES, DevicePreprocess
+from curation.stages.score import ScoreStage, decode_chunk, probe_chunk
 
 __all__ = ["EMBEDDINGS_FILE", "EmbedStage", "embed_images", "list_embed_inputs"]
 
@@ -131,24 +133,21 @@ def _check_root_visible(root: str) -> None:
         )
 
 
-def _file_chunks(
-    shard: Shard, limits: ImageLimits, transform: PixelTransform, chunk_rows: int
-) -> Iterator[dict[str, Any]]:
-    """Decoded chunks of a listing shard's files. A listed file that is gone or over the byte
-    bound is quarantined; other I/O errors propagate, so the task is retried."""
+def _file_images(shard: Shard, limits: ImageLimits, chunk_rows: int) -> Iterator[ImageShard]:
+    """A listing shard's files as `ImageShard` chunks (`key` the path below the listing's
+    root). A listed file that is gone or over the byte bound is counted and quarantined; other
+    I/O errors propagate, so the task is retried."""
     fs, path = fsio.url_to_fs(shard.input)
     listing = json.loads(fs.cat_file(path))
     root, names = listing["root"], listing["files"]
     for lo in range(0, max(len(names), 1), chunk_rows):
-        keys = names[lo : lo + chunk_rows]
-        counts: Counter = Counter(rows_read=len(keys))
+        counts: Counter = Counter(rows_read=len(names[lo : lo + chunk_rows]))
         quarantine: list[dict[str, Any]] = []
-        blobs, kept = [], []
-        for key in keys:
-            url = root + key
+        keys, blobs = [], []
+        for key in names[lo : lo + chunk_rows]:
             reason, detail = "", ""
             try:
-                data = _read_bounded(url, limits.max_member_bytes)
+                data = _read_bounded(root + key, limits.max_member_bytes)
             except FileNotFoundError:
                 _check_root_visible(root)
                 reason, detail = "missing_file", "listed, then gone"
@@ -159,28 +158,22 @@ def _file_chunks(
             if reason:
                 counts[f"rows_dropped_{reason}"] += 1
                 quarantine.append(
-                    quarantine_record(STAGE, shard.name, url, reason, detail, key=key)
+                    quarantine_record(STAGE, shard.name, shard.input, reason, detail, key=key)
                 )
             else:
+                keys.append(key)
                 blobs.append(data)
-                kept.append(key)
-        pixels, ok, failures, sizes = decode_images(blobs, transform, limits)
-        bad = [k for k, good in zip(kept, ok, strict=True) if not good]
-        for key, (reason, detail) in zip(bad, failures, strict=True):
-            counts[f"rows_dropped_{reason}"] += 1
-            quarantine.append(
-                quarantine_record(STAGE, shard.name, root + key, reason, detail, key=key)
-            )
-        good = [k for k, g in zip(kept, ok, strict=True) if g]
-        meta = pa.table(
+        n = len(keys)
+        table = pa.table(
             {
-                "key": pa.array(good, pa.string()),
-                "url": pa.array([root + k for k in good], pa.string()),
-                "original_width": pa.array(sizes[:, 0], pa.int32()),
-                "original_height": pa.array(sizes[:, 1], pa.int32()),
+                "key": pa.array(keys, pa.string()),
+                "url": pa.array([root + k for k in keys], pa.string()),
+                "original_width": pa.nulls(n, pa.int32()),
+                "original_height": pa.nulls(n, pa.int32()),
+                "image": pa.array(blobs, pa.binary()),
             }
         )
-        yield {"meta": meta, "pixels": pixels, "counts": counts, "quarantine": quarantine}
+        yield ImageShard(table, counts, quarantine)
 
 
 def embed_chunks(
@@ -189,43 +182,48 @@ def embed_chunks(
     transform: PixelTransform,
     chunk_rows: int,
     image_column: str | None = None,
+    decode: str = "pil",
 ) -> Iterator[dict[str, Any]]:
-    """The CPU half of the embed stage: decoded chunks of a listing shard or an image shard."""
+    """The CPU half of the embed stage: `curation score`'s chunks (`decode_chunk`, or
+    `probe_chunk` for `decode="device"`) of a listing shard or an image shard."""
+    per_chunk = probe_chunk if decode == "device" else decode_chunk
     if shard.input.endswith(LISTING_SUFFIX):
-        yield from _file_chunks(shard, limits, transform, chunk_rows)
-        return
-    for chunk in decode_chunks(shard, limits, transform, chunk_rows, image_column):
-        meta = chunk["meta"]
-        chunk["meta"] = pa.table({c: meta.column(c) for c in META})
-        yield chunk
+        images: Iterator[ImageShard] = _file_images(shard, limits, chunk_rows)
+    else:
+        images = iter_image_shard(
+            shard.input, limits, image_column, shard=shard.name, chunk_rows=chunk_rows
+        )
+    for img in images:
+        yield per_chunk(img, shard, limits, transform, stage=STAGE)
 
 
-class EmbedStage(Stage):
-    """The model half: a `ClipScorer`'s image tower on an actor, embedding decoded chunks."""
+class EmbedStage(ScoreStage):
+    """The model half: the scorer's image tower on an actor (`ScoreStage`'s model, assets and
+    device decoding), embedding decoded chunks."""
 
     name = STAGE
 
-    def __init__(self, scorer: Any, dtype: str, resources: Resources | None = None) -> None:
-        self.scorer = scorer
+    def __init__(
+        self,
+        scorer: Any,
+        dtype: str,
+        resources: Resources | None = None,
+        device_preprocess: DevicePreprocess | None = None,
+    ) -> None:
+        super().__init__(scorer, resources, device_preprocess)
         self.dtype = dtype
-        self.resources = resources or Resources(cpus=1, actor=True)
-
-    def assets(self) -> dict[str, str]:
-        """The model's weights file (see `ClipScorer.assets`)."""
-        return self.scorer.assets()
-
-    def use_assets(self, paths: Mapping[str, str]) -> None:
-        """Load the weights from a local copy."""
-        self.scorer.use_assets(paths)
-
-    def setup(self) -> None:
-        """Load the model (once per actor)."""
-        self.scorer.setup()
 
     def process(self, chunk: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
-        """Unit-norm image embeddings of one decoded chunk (its counters pass through)."""
-        emb = self.scorer.embed_images(chunk["pixels"]).reshape(-1, self.scorer.embed_dim)
-        return {**chunk, "pixels": None, "image_embedding": emb.astype(self.dtype)}
+        """Unit-norm image embeddings of one chunk, with its `META` columns and counters."""
+        chunk = self.decoded(chunk)
+        emb = self.scorer.embed_pixels(chunk["pixels"]).reshape(-1, self.scorer.embed_dim)
+        meta = chunk["meta"]
+        return {
+            "meta": pa.table({c: meta.column(c) for c in META}),
+            "image_embedding": emb.astype(self.dtype),
+            "counts": chunk["counts"],
+            "quarantine": chunk["quarantine"],
+        }
 
 
 def _finish(shard: Shard, stage_dir: str, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -284,6 +282,7 @@ def embed_images(
     num_actors: int | None = None,
     cpus_per_actor: int | None = None,
     image_column: str | None = None,
+    decode: str = "pil",
     literal: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -297,6 +296,8 @@ def embed_images(
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     if chunk_rows < 1 or files_per_shard < 1:
         raise ValueError("chunk_rows and files_per_shard must be >= 1")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     check_output_location(out)
     check_output_not_in_inputs(out, inputs)
     limits = limits or ImageLimits()
@@ -313,6 +314,11 @@ def embed_images(
     scorer.num_threads = max(1, int(options["num_cpus"]))
     pp = scorer.expected_preprocess()
     transform = PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
+    on_device = (
+        DevicePreprocess(pp["size"], pp["interpolation"], pp["resize_mode"], limits)
+        if decode == "device"
+        else None
+    )
     params = {
         **scorer.describe(),
         "checkpoint_sha256": scorer.checkpoint_digest(),
@@ -322,6 +328,7 @@ def embed_images(
         "dtype": dtype,
         "image_column": image_column,
         "device": dev,
+        "decode": decode,
     }
     file_ids = hashlib.sha256(
         json.dumps(inputs_fingerprint(files, out), sort_keys=True).encode()
@@ -335,11 +342,11 @@ def embed_images(
     shards = shard_names(shard_urls) + file_shards(files, out, files_per_shard)
     resources = Resources(cpus=options["num_cpus"], gpus=options.get("num_gpus", 0), actor=True)
     markers = run_actor_stage(
-        EmbedStage(scorer, dtype, resources),
+        EmbedStage(scorer, dtype, resources, on_device),
         shards,
         out,
         split=embed_chunks,
-        split_args=(limits, transform, chunk_rows, image_column),
+        split_args=(limits, transform, chunk_rows, image_column, decode),
         num_actors=n_actors,
         finish=_finish,
         fp=fp,

@@ -211,7 +211,12 @@ class DevicePreprocess:
                 counts[f"rows_dropped_{reason}"] += 1
                 quarantine.append(
                     quarantine_record(
-                        "score", chunk["shard"], chunk["input"], reason, detail, key=keys[row]
+                        chunk.get("stage", "score"),
+                        chunk["shard"],
+                        chunk["input"],
+                        reason,
+                        detail,
+                        key=keys[row],
                     )
                 )
             meta = meta.filter(pa.array(keep))

@@ -39,6 +39,7 @@ from curation.core.stage import Resources, Shard, Stage, StageOutput
 from curation.io.datacomp import embedding_column
 from curation.io.images import (
     ImageLimits,
+    ImageShard,
     PixelTransform,
     decode_images,
     iter_image_shard,
@@ -348,6 +349,13 @@ class ClipScorer:
                 out.append(self._encode_uint8(x))
         return _concat(out, self.embed_dim)
 
+    def embed_pixels(self, pixels: Any) -> np.ndarray:
+        """`embed_images` of uint8 numpy `(n, H, W, 3)`, `embed_image_tensor` of a uint8 torch
+        tensor `(n, 3, H, W)` (the `--decode device` path)."""
+        if isinstance(pixels, np.ndarray):
+            return self.embed_images(pixels)
+        return self.embed_image_tensor(pixels)
+
     def embed_image_tensor(self, x: Any) -> np.ndarray:
         """uint8 torch `(n, 3, H, W)` (already on the device, e.g. decoded there) → float32
         unit-norm image embeddings `(n, d)`; the same fixed `batch_size` slices as
@@ -393,10 +401,7 @@ class ClipScorer:
         """
         if len(pixels) != len(texts):
             raise ValueError(f"{len(pixels)} images but {len(texts)} texts")
-        if isinstance(pixels, np.ndarray):
-            img = self.embed_images(pixels)
-        else:
-            img = self.embed_image_tensor(pixels)
+        img = self.embed_pixels(pixels)
         txt = self.embed_texts(texts)
         s = np.einsum("nd,nd->n", img, txt, dtype=np.float32) if len(img) else np.zeros(0)
         return ScoreResult(s.astype(np.float32), img, txt)
@@ -501,19 +506,31 @@ def decode_chunks(
     for img in iter_image_shard(
         shard.input, limits, image_column, shard=shard.name, chunk_rows=chunk_rows
     ):
-        part = img.table
-        pixels, ok, failures, sizes = decode_images(part.column("image"), transform, limits)
-        counts: Counter = Counter(img.counts)
-        quarantine = list(img.quarantine)
-        if failures:
-            keys = np.asarray(part.column("key").to_pylist(), dtype=object)[~ok]
-            for key, (reason, detail) in zip(keys, failures, strict=True):
-                counts[f"rows_dropped_{reason}"] += 1
-                quarantine.append(
-                    quarantine_record("score", shard.name, shard.input, reason, detail, key=key)
-                )
-        meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes)
-        yield {"meta": meta, "pixels": pixels, "counts": counts, "quarantine": quarantine}
+        yield decode_chunk(img, shard, limits, transform)
+
+
+def decode_chunk(
+    img: ImageShard,
+    shard: Shard,
+    limits: ImageLimits,
+    transform: PixelTransform,
+    stage: str = "score",
+) -> dict[str, Any]:
+    """One `decode_chunks` chunk from the samples `img` (META_COLUMNS + `image` bytes) of
+    `shard`; undecodable images are counted and quarantined (as `stage`)."""
+    part = img.table
+    pixels, ok, failures, sizes = decode_images(part.column("image"), transform, limits)
+    counts: Counter = Counter(img.counts)
+    quarantine = list(img.quarantine)
+    if failures:
+        keys = np.asarray(part.column("key").to_pylist(), dtype=object)[~ok]
+        for key, (reason, detail) in zip(keys, failures, strict=True):
+            counts[f"rows_dropped_{reason}"] += 1
+            quarantine.append(
+                quarantine_record(stage, shard.name, shard.input, reason, detail, key=key)
+            )
+    meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes)
+    return {"meta": meta, "pixels": pixels, "counts": counts, "quarantine": quarantine}
 
 
 def probe_chunks(
@@ -534,42 +551,54 @@ def probe_chunks(
     for img in iter_image_shard(
         shard.input, limits, image_column, shard=shard.name, chunk_rows=chunk_rows
     ):
-        part = img.table
-        blobs = part.column("image").to_pylist()
-        ok, failures, sizes, kinds = probe_images(blobs, limits)
-        rows = np.flatnonzero(ok)
-        reasons = dict(zip(np.flatnonzero(~ok).tolist(), failures, strict=True))
-        to_dev = np.array(
-            [device_decodable(blobs[i], k) for i, k in zip(rows, kinds, strict=True)], dtype=bool
+        yield probe_chunk(img, shard, limits, transform)
+
+
+def probe_chunk(
+    img: ImageShard,
+    shard: Shard,
+    limits: ImageLimits,
+    transform: PixelTransform,
+    stage: str = "score",
+) -> dict[str, Any]:
+    """One `probe_chunks` chunk from the samples `img` of `shard` (quarantined as `stage`)."""
+    part = img.table
+    blobs = part.column("image").to_pylist()
+    ok, failures, sizes, kinds = probe_images(blobs, limits)
+    rows = np.flatnonzero(ok)
+    reasons = dict(zip(np.flatnonzero(~ok).tolist(), failures, strict=True))
+    to_dev = np.array(
+        [device_decodable(blobs[i], k) for i, k in zip(rows, kinds, strict=True)], dtype=bool
+    )
+    cpu = rows[~to_dev]
+    pixels, ok_cpu, cpu_failures, _ = decode_images([blobs[i] for i in cpu], transform, limits)
+    ok[cpu[~ok_cpu]] = False
+    reasons.update(zip(cpu[~ok_cpu].tolist(), cpu_failures, strict=True))
+    counts: Counter = Counter(img.counts)
+    counts["images_decoded_cpu"] += int(ok_cpu.sum())
+    quarantine = list(img.quarantine)
+    keys = part.column("key").to_pylist()
+    for i in sorted(reasons):  # in row order, as decode_chunks
+        reason, detail = reasons[i]
+        counts[f"rows_dropped_{reason}"] += 1
+        quarantine.append(
+            quarantine_record(stage, shard.name, shard.input, reason, detail, key=keys[i])
         )
-        cpu = rows[~to_dev]
-        pixels, ok_cpu, cpu_failures, _ = decode_images([blobs[i] for i in cpu], transform, limits)
-        ok[cpu[~ok_cpu]] = False
-        reasons.update(zip(cpu[~ok_cpu].tolist(), cpu_failures, strict=True))
-        counts: Counter = Counter(img.counts)
-        counts["images_decoded_cpu"] += int(ok_cpu.sum())
-        quarantine = list(img.quarantine)
-        keys = part.column("key").to_pylist()
-        for i in sorted(reasons):  # in row order, as decode_chunks
-            reason, detail = reasons[i]
-            counts[f"rows_dropped_{reason}"] += 1
-            quarantine.append(
-                quarantine_record("score", shard.name, shard.input, reason, detail, key=keys[i])
-            )
-        kept = ok[rows]  # of the header-checked rows, those still kept
-        meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes[kept])
-        dev_rows = rows[to_dev]
-        yield {
-            "meta": meta,
-            "on_device": to_dev[kept],
-            "jpeg": [blobs[i] for i in dev_rows],
-            "jpeg_sizes": sizes[to_dev],
-            "pixels": pixels,
-            "counts": counts,
-            "quarantine": quarantine,
-            "shard": shard.name,
-            "input": shard.input,
-        }
+    kept = ok[rows]  # of the header-checked rows, those still kept
+    meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes[kept])
+    dev_rows = rows[to_dev]
+    return {
+        "meta": meta,
+        "on_device": to_dev[kept],
+        "jpeg": [blobs[i] for i in dev_rows],
+        "jpeg_sizes": sizes[to_dev],
+        "pixels": pixels,
+        "counts": counts,
+        "quarantine": quarantine,
+        "shard": shard.name,
+        "input": shard.input,
+        "stage": stage,
+    }
 
 
 class ScoreStage(Stage):
@@ -603,15 +632,21 @@ class ScoreStage(Stage):
         """Load the model (once per actor)."""
         self.scorer.setup()
 
+    def decoded(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """The chunk with `pixels` for every row: a `probe_chunks` chunk (`--decode device`)
+        has its JPEGs decoded on the scorer's device; a `decode_chunks` one is already."""
+        if "jpeg" not in chunk:
+            return chunk
+        if self.device_preprocess is None:
+            raise RuntimeError("a --decode device chunk, but this stage has no preprocess")
+        self.setup()
+        return self.device_preprocess.finish(chunk, self.scorer.device)
+
     def process(self, chunk: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
         """Scores and float16 embeddings of one decoded chunk (its counters pass through).
 
         A `probe_chunks` chunk (`--decode device`) has its JPEGs decoded here first."""
-        if "jpeg" in chunk:
-            if self.device_preprocess is None:
-                raise RuntimeError("a --decode device chunk, but this stage has no preprocess")
-            self.setup()
-            chunk = self.device_preprocess.finish(chunk, self.scorer.device)
+        chunk = self.decoded(chunk)
         meta: pa.Table = chunk["meta"]
         res = self.scorer.score(chunk["pixels"], meta.column("text").to_pylist())
         d = self.scorer.embed_dim

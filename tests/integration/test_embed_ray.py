@@ -124,3 +124,17 @@ def test_cli(image_dir, tmp_path, ray_cluster):
     assert np.load(out / "embeddings.npy").shape == (6, 64)
     bad = run_cli(["embed", tmp_path / "nothing*", "-o", tmp_path / "x"], check=False)
     assert bad.returncode != 0 and "matched no files" in bad.stderr
+
+
+def test_device_decode_is_close_to_the_exact_path(image_dir, tmp_path, ray_cluster):
+    """`--decode device` (torchvision on this CPU-only machine): the same rows and quarantine,
+    embeddings within a small distance of the exact path's."""
+    root, good = image_dir
+    exact = run([root], tmp_path / "pil", files_per_shard=8)
+    fast = run([root], tmp_path / "device", files_per_shard=8, decode="device")
+    assert fast["rows_written"] == exact["rows_written"] == 18
+    assert fast["rows_dropped"] == exact["rows_dropped"] == {"decode_error": 1}
+    a, b = (np.load(tmp_path / d / "embeddings.npy") for d in ("pil", "device"))
+    assert not np.array_equal(a, b)  # another resampler: not bit-identical, by design
+    np.testing.assert_allclose(a, b, atol=2e-2)
+    assert float(np.min(np.sum(a * b, axis=1))) > 0.999
