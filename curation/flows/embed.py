@@ -22,7 +22,6 @@ copy of the images, with the model and preprocessing of `curation score`:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -41,7 +40,8 @@ from curation.core.accounting import (
 )
 from curation.core.fingerprint import inputs_fingerprint
 from curation.core.stage import Resources, Shard
-from curation.executor.runner import check_output_location, cluster_resources, run_actor_stage
+from curation.executor.runner import check_output_location, run_actor_stage
+from curation.flows.score import plan_pool
 from curation.io.datacomp import embedding_column
 from curation.io.images import (
     IMAGE_EXTS,
@@ -52,8 +52,14 @@ from curation.io.images import (
     iter_image_shard,
     list_image_shards,
 )
-from curation.io.parts import check_output_not_in_inputs, finish_part, leased, part_url
-from curation.stages.device_decode import DECODE_MODES, DevicePreprocess
+from curation.io.parts import (
+    check_output_not_in_inputs,
+    finish_part,
+    leased,
+    part_url,
+    shard_names,
+)
+from curation.stages.device_decode import DevicePreprocess
 from curation.stages.score import ScoreStage, decode_chunk, probe_chunk
 
 __all__ = ["EMBEDDINGS_FILE", "EmbedStage", "embed_images", "list_embed_inputs"]
@@ -290,45 +296,21 @@ def embed_images(
     """Embed every image of `inputs` into `out` (parts, manifest, `embeddings.npy`); returns
     the summary. `scorer` is a `ClipScorer` (not set up); the actor pool is shaped as
     `curation score`'s (one actor per GPU, else CPU actors beside the decoders)."""
-    from curation.flows.score import _pool_shape
-
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    if chunk_rows < 1 or files_per_shard < 1:
-        raise ValueError("chunk_rows and files_per_shard must be >= 1")
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    if files_per_shard < 1:
+        raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
     check_output_location(out)
     check_output_not_in_inputs(out, inputs)
     limits = limits or ImageLimits()
     shard_urls, files, ignored = list_embed_inputs(inputs, literal)
-    dev, n_actors, options, decoders = _pool_shape(
-        device, num_actors, cpus_per_actor, cluster_resources()
-    )
-    import copy
-
-    from curation.io.parts import shard_names
-
-    scorer = copy.copy(scorer)
-    scorer.device_request = dev
-    scorer.num_threads = max(1, int(options["num_cpus"]))
-    pp = scorer.expected_preprocess()
-    transform = PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
-    on_device = (
-        DevicePreprocess(pp["size"], pp["interpolation"], pp["resize_mode"], limits)
-        if decode == "device"
-        else None
-    )
+    plan = plan_pool(scorer, limits, chunk_rows, device, num_actors, cpus_per_actor, decode)
+    scorer, dev, pp = plan.scorer, plan.device, plan.preprocess
     params = {
-        **scorer.describe(),
-        "checkpoint_sha256": scorer.checkpoint_digest(),
-        "limits": dataclasses.asdict(limits),
-        "chunk_rows": chunk_rows,
+        **plan.params,
         "files_per_shard": files_per_shard,
         "dtype": dtype,
         "image_column": image_column,
-        "device": dev,
-        "decode": decode,
     }
     file_ids = hashlib.sha256(
         json.dumps(inputs_fingerprint(files, out), sort_keys=True).encode()
@@ -340,17 +322,16 @@ def embed_images(
         "files": [len(files), file_ids],
     }
     shards = shard_names(shard_urls) + file_shards(files, out, files_per_shard)
-    resources = Resources(cpus=options["num_cpus"], gpus=options.get("num_gpus", 0), actor=True)
     markers = run_actor_stage(
-        EmbedStage(scorer, dtype, resources, on_device),
+        EmbedStage(scorer, dtype, plan.resources, plan.on_device),
         shards,
         out,
         split=embed_chunks,
-        split_args=(limits, transform, chunk_rows, image_column, decode),
-        num_actors=n_actors,
+        split_args=(limits, plan.transform, chunk_rows, image_column, decode),
+        num_actors=plan.actors,
         finish=_finish,
         fp=fp,
-        shards_in_flight=decoders,
+        shards_in_flight=plan.decoders,
         overwrite=overwrite,
         progress=progress,
     )
@@ -376,5 +357,5 @@ def embed_images(
             "quarantine": fsio.join(out, "quarantine.jsonl"),
         },
     )
-    summary.update(device=dev, actors=n_actors, quarantined=quarantined, embeddings=rows)
+    summary.update(device=dev, actors=plan.actors, quarantined=quarantined, embeddings=rows)
     return summary

@@ -176,6 +176,69 @@ def _pool_shape(
     return "cpu", n, {"num_cpus": per}, max(2, int(cpus - n * per))
 
 
+@dataclasses.dataclass
+class PoolPlan:
+    """What `plan_pool` decided: the scorer (a copy placed on `device`), the actor pool, the
+    CPU half's transform, the device half's preprocess (`decode="device"`), and the
+    parameters that go into the stage fingerprint."""
+
+    scorer: Any
+    device: str
+    actors: int
+    resources: Resources
+    decoders: int
+    preprocess: dict[str, Any]
+    transform: PixelTransform
+    on_device: DevicePreprocess | None
+    params: dict[str, Any]
+
+
+def plan_pool(
+    scorer: Any,
+    limits: ImageLimits,
+    chunk_rows: int,
+    device: str,
+    num_actors: int | None,
+    cpus_per_actor: int | None,
+    decode: str,
+) -> PoolPlan:
+    """The scorer actor pool of `score_shards` (and `curation embed`) for this cluster, its
+    arguments checked first."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"--decode must be one of {DECODE_MODES}, got {decode!r}")
+    dev, n_actors, options, decoders = _pool_shape(
+        device, num_actors, cpus_per_actor, cluster_resources()
+    )
+    scorer = copy.copy(scorer)
+    scorer.device_request = dev
+    scorer.num_threads = max(1, int(options["num_cpus"]))  # leave the other cores to decoding
+    pp = scorer.expected_preprocess()  # each actor checks its model agrees
+    size, interpolation, mode = pp["size"], pp["interpolation"], pp["resize_mode"]
+    params = {
+        **scorer.describe(),
+        "checkpoint_sha256": scorer.checkpoint_digest(),
+        "limits": dataclasses.asdict(limits),
+        "chunk_rows": chunk_rows,
+        "device": dev,
+        "decode": decode,
+    }
+    return PoolPlan(
+        scorer=scorer,
+        device=dev,
+        actors=n_actors,
+        resources=Resources(cpus=options["num_cpus"], gpus=options.get("num_gpus", 0), actor=True),
+        decoders=decoders,
+        preprocess=pp,
+        transform=PixelTransform(size, interpolation, mode),
+        on_device=DevicePreprocess(size, interpolation, mode, limits)
+        if decode == "device"
+        else None,
+        params=params,
+    )
+
+
 @leased("out")
 def score_shards(
     inputs: Sequence[str],
@@ -203,48 +266,24 @@ def score_shards(
     check_output_location(out)
     check_output_not_in_inputs(out, inputs)
 
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    if decode not in DECODE_MODES:
-        raise ValueError(f"--decode must be one of {DECODE_MODES}, got {decode!r}")
     limits = limits or ImageLimits()
+    plan = plan_pool(scorer, limits, chunk_rows, device, num_actors, cpus_per_actor, decode)
     urls = list_image_shards(inputs)
     check_image_shards(urls, image_column)
     shards = shard_names(urls)
-    dev, n_actors, options, decoders = _pool_shape(
-        device, num_actors, cpus_per_actor, cluster_resources()
-    )
-    scorer = copy.copy(scorer)
-    scorer.device_request = dev
-    scorer.num_threads = max(1, int(options["num_cpus"]))  # leave the other cores to decoding
-    pp = scorer.expected_preprocess()  # each actor checks its model agrees
-    transform = PixelTransform(pp["size"], pp["interpolation"], pp["resize_mode"])
-    on_device = (
-        DevicePreprocess(pp["size"], pp["interpolation"], pp["resize_mode"], limits)
-        if decode == "device"
-        else None
-    )
-    params = {
-        **scorer.describe(),
-        "checkpoint_sha256": scorer.checkpoint_digest(),
-        "limits": dataclasses.asdict(limits),
-        "chunk_rows": chunk_rows,
-        "image_column": image_column,
-        "device": dev,
-        "decode": decode,
-    }
+    scorer, dev, n_actors, pp = plan.scorer, plan.device, plan.actors, plan.preprocess
+    params = {**plan.params, "image_column": image_column}
     fp = {"stage": "score", "params": params, "inputs": inputs_fingerprint(urls, out)}
-    resources = Resources(cpus=options["num_cpus"], gpus=options.get("num_gpus", 0), actor=True)
     markers = run_actor_stage(
-        ScoreStage(scorer, resources, on_device),
+        ScoreStage(scorer, plan.resources, plan.on_device),
         shards,
         out,
-        split=probe_chunks if on_device else decode_chunks,
-        split_args=(limits, transform, chunk_rows, image_column),
+        split=probe_chunks if plan.on_device else decode_chunks,
+        split_args=(limits, plan.transform, chunk_rows, image_column),
         num_actors=n_actors,
         finish=finish_shard,
         fp=fp,
-        shards_in_flight=decoders,
+        shards_in_flight=plan.decoders,
         overwrite=overwrite,
         progress=progress,
     )
