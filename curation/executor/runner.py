@@ -555,16 +555,22 @@ def map_shards(
     refs = [remote.remote(fn_ref, s, *arg_refs) for s in shards]
     if progress is None:
         return ray.get(refs)
-    bar = Progress(progress, len(refs), 0, enabled=True)
+    _wait_all(refs, Progress(progress, len(refs), 0, enabled=True))
+    return ray.get(refs)
+
+
+def _wait_all(refs: list[Any], bar: Progress) -> None:
+    """Wait for every task of `refs`, ticking `bar`; a failed task raises as soon as it fails."""
+    import ray
+
     try:
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)  # a failed task raises here, as soon as it fails
+            ray.get(ready)
             bar.shard_done({})
     finally:
         bar.close()
-    return ray.get(refs)
 
 
 def map_then_combine(
@@ -594,14 +600,7 @@ def map_then_combine(
     arg_refs = [ray.put(a) for a in args]
     refs = [remote.remote(fn_ref, s, *arg_refs) for s in shards]
     bar = Progress(progress or "", len(refs), 0, enabled=progress is not None)
-    try:
-        pending = [info for _, info in refs]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)  # a failed task raises here, as soon as it fails
-            bar.shard_done({})
-    finally:
-        bar.close()
+    _wait_all([info for _, info in refs], bar)
     infos = ray.get([info for _, info in refs])
     if check is not None:
         check(infos)
