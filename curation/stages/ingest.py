@@ -45,6 +45,7 @@ import re
 import sys
 import zlib
 from collections import Counter
+from itertools import compress, repeat
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
@@ -56,7 +57,7 @@ from fsspec.core import url_to_fs
 
 from curation.core.accounting import quarantine_record
 from curation.core.stage import Shard, Source, StageOutput
-from curation.core.text import uids_of_urls
+from curation.core.text import UID_HEX_DIGITS, uids_of_urls
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -302,9 +303,9 @@ class Ingestor(Source):
         with f:
             reader = _HashingReader(f)
             if fmt == "wat":
-                cols = self._read_wat(reader, url, shard_name, result)
-                result.counts["rows_read"] += len(cols[0])  # pairs dropped are counted already
-                table = self._wat_rows_to_table(cols, shard_name)
+                pairs = self._read_wat(reader, url, shard_name, result)
+                result.counts["rows_read"] += pairs.num_rows  # pairs dropped are counted already
+                table = pairs.table(shard_name)
             elif fmt == "parquet":
                 table = self._read_parquet(reader, url, shard_name, result)
             else:
@@ -363,15 +364,17 @@ class Ingestor(Source):
     # -- WAT ---------------------------------------------------------------------------------
     def _read_wat(
         self, reader: _HashingReader, url: str, shard: str, result: StageOutput
-    ) -> tuple[list, list, list, list]:
-        """The pairs of a WAT shard as columns (image URLs, texts, text keys, page URLs)."""
+    ) -> _WatPairs:
+        """The pairs of a WAT shard, in record order."""
         from fastwarc.warc import ArchiveIterator, WarcRecordType
 
         counts = result.counts
-        cols: tuple[list, list, list, list] = ([], [], [], [])
+        pairs = _WatPairs(counts)
         deep = sys.getrecursionlimit() // 2  # see `_loads_wat`
         record_no = -1  # index of the WARC record in the file, whatever its type
         last_pos, stopped = 0, False
+        metadata, max_record_bytes = WarcRecordType.metadata, self.max_record_bytes
+        hold, orjson_loads, translate = pairs.hold, orjson.loads, bytes.translate
         try:
             it = ArchiveIterator(
                 reader, record_types=WarcRecordType.any_type, parse_http=False, stream_detect=True
@@ -379,10 +382,11 @@ class Ingestor(Source):
             for record in it:
                 record_no += 1
                 last_pos = record.stream_pos
-                if record.record_type != WarcRecordType.metadata:
+                if record.record_type != metadata:
                     continue
                 counts["records_read"] += 1
-                too_large = record.content_length > self.max_record_bytes
+                content_length = record.content_length
+                too_large = content_length > max_record_bytes
                 if too_large:
                     # Read through rather than let FastWARC skip it: a length that runs past the
                     # end of the file swallows the records after it, which is a truncation.
@@ -393,7 +397,10 @@ class Ingestor(Source):
                 else:
                     payload = record.reader.read()
                     got = len(payload)
-                if "Content-Length" not in record.headers or got < record.content_length:
+                # FastWARC's length is 0 without a Content-Length header (test_ingest_speedpath):
+                # the header map is looked at only then
+                missing = not content_length and "Content-Length" not in record.headers
+                if got < content_length or missing:
                     counts["records_dropped_truncated"] += 1
                     counts["shards_truncated"] += 1
                     result.quarantine.append(
@@ -423,7 +430,18 @@ class Ingestor(Source):
                     )
                     continue
                 try:
-                    doc, may_have_surrogate = _loads_wat(payload, deep)
+                    try:  # `_loads_wat`'s common case, inlined
+                        doc, may_have_surrogate = orjson_loads(payload), False
+                    except orjson.JSONDecodeError:
+                        doc, may_have_surrogate = _loads_wat(payload, deep)
+                    else:
+                        # as `_loads_wat`: `deep` brackets or more go to json (counted in one
+                        # pass that keeps only the brackets)
+                        if (
+                            len(payload) >= deep
+                            and len(translate(payload, None, _NOT_BRACKETS)) >= deep
+                        ):
+                            doc = json.loads(payload)
                 except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
                     reason = "bad_utf8" if isinstance(exc, UnicodeDecodeError) else "bad_json"
                     detail = "JSON nested too deeply" if isinstance(exc, RecursionError) else exc
@@ -439,8 +457,11 @@ class Ingestor(Source):
                         )
                     )
                     continue
+                if not may_have_surrogate:
+                    hold(doc)  # extracted with the records around it, on whole columns
+                    continue
                 dropped: list[str] = []
-                self._extract(doc, cols, counts, dropped if may_have_surrogate else None)
+                self._extract(doc, pairs.slow_columns(), counts, dropped)
                 for detail in dropped:
                     result.quarantine.append(
                         self._q(
@@ -479,7 +500,8 @@ class Ingestor(Source):
                     offset=last_pos,
                 )
             )
-        return cols
+        pairs.flush()
+        return pairs
 
     @staticmethod
     def _extract(
@@ -498,10 +520,6 @@ class Ingestor(Source):
             counts["records_skipped_not_response"] += 1
             return
         page_url = header.get("WARC-Target-URI")
-        # a plain http(s) page URL parses (no link raises for it); it is parsed further
-        # (`_PageBase`) only when a link is not a plain absolute URL
-        page_plain = isinstance(page_url, str) and _PLAIN_URL.fullmatch(page_url) is not None
-        base: _PageBase | None = None
         try:
             links = env["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]["Links"]
         except (KeyError, TypeError):
@@ -511,6 +529,21 @@ class Ingestor(Source):
             counts["records_skipped_no_links"] += 1
             return
         counts["records_with_links"] += 1
+        Ingestor._extract_links(page_url, links, cols, counts, dropped)
+
+    @staticmethod
+    def _extract_links(
+        page_url: Any,
+        links: list,
+        cols: tuple[list, list, list, list],
+        counts: Counter,
+        dropped: list | None = None,
+    ) -> None:
+        """The pairs of one record's `links` (page URL `page_url`), one by one: see `_extract`."""
+        # a plain http(s) page URL parses (no link raises for it); it is parsed further
+        # (`_PageBase`) only when a link is not a plain absolute URL
+        page_plain = isinstance(page_url, str) and _PLAIN_URL.fullmatch(page_url) is not None
+        base: _PageBase | None = None
         urls, texts, keys, pages = cols
         plain_url = _PLAIN_URL.fullmatch
         for link in links:
@@ -554,26 +587,6 @@ class Ingestor(Source):
                 texts.append(text)
                 keys.append(key)
                 pages.append(page_url)
-
-    @staticmethod
-    def _wat_rows_to_table(cols: tuple[list, list, list, list], shard: str) -> pa.Table:
-        urls, texts, keys, pages = cols
-        if not urls:
-            return PAIR_SCHEMA.empty_table()
-        url_arr = pa.array(urls, pa.string())
-        n = len(urls)
-        return pa.Table.from_arrays(
-            [
-                uids_of_urls(url_arr),
-                url_arr,
-                pa.array(texts, pa.string()),
-                pa.array(keys, pa.string()),
-                pa.array(pages, pa.string()),
-                pa.array(np.full(n, shard, dtype=object), pa.string()),
-                pa.array(np.arange(n, dtype=np.int64)),
-            ],
-            schema=PAIR_SCHEMA,
-        )
 
     # -- Parquet / JSONL -----------------------------------------------------------------------
     def _shard_too_large(
@@ -855,6 +868,9 @@ class Ingestor(Source):
 
     def _cap_text(self, table: pa.Table) -> tuple[pa.Table, int]:
         text = table.column("text")
+        # a text of at most max_text_chars bytes has at most that many characters
+        if (pc.max(pc.binary_length(text)).as_py() or 0) <= self.max_text_chars:
+            return table, 0
         too_long = pc.greater(pc.utf8_length(text), self.max_text_chars)
         n = pc.sum(too_long).as_py() or 0
         if n:
@@ -989,6 +1005,378 @@ def _resolve(page_url: Any, img: str, base: _PageBase | None) -> str:
         out = "//" + netloc + out
     out = base.scheme + ":" + out
     return out + "?" + query if query else out
+
+
+# -- WAT pairs on whole columns ----------------------------------------------------------------
+# `_PLAIN_URL` and `_PLAIN_NET_REF` in RE2's syntax (Arrow's regex kernels); test_ingest_speedpath
+# checks that each matches what its Python pattern matches.
+_RE2_NETLOC = r"[^\x00-\x20\x{7f}-\x{10ffff}/?#\[\]\\]+"
+_RE2_PLAIN_URL = r"\Ahttps?://" + _RE2_NETLOC + _TAIL + r"\z"
+_RE2_PLAIN_NET_REF = r"\A//" + _RE2_NETLOC + _TAIL + r"\z"
+# Image URLs whose resolution `_resolve_column` computes: an absolute path and a relative one
+# (after any "../"), both of segments that are not empty and do not start with ".", with no
+# empty query (both match `_PLAIN_PATH_REF` when they do not end in " ", which is checked apart).
+_RE2_SEGMENT = r"[^\x00-\x1f\x7f?#\\;/.][^\x00-\x1f\x7f?#\\;/]*"
+_RE2_REL_SEGMENT = r"[^\x00-\x1f\x7f?#\\:;/.][^\x00-\x1f\x7f?#\\:;/]*"
+_RE2_QUERY = r"(?:\?[^\x00-\x1f\x7f#\\]+)?\z"
+_RE2_ROOTED_PATH = r"\A(?:/" + _RE2_SEGMENT + r")+/?" + _RE2_QUERY
+_RE2_RELATIVE_PATH = (
+    r"\A(?:\.\./)*[^\x00-\x20\x7f?#\\:;/.][^\x00-\x1f\x7f?#\\:;/]*(?:/"
+    + _RE2_REL_SEGMENT
+    + r")*/?"
+    + _RE2_QUERY
+)
+#: Scheme, netloc and path of a plain page URL (`_RE2_PLAIN_URL`, which has no fragment).
+_RE2_PAGE_PARTS = r"\A(?P<scheme>https?)://(?P<netloc>[^/?]*)(?P<path>[^?]*)"
+_IMG_PATH = "IMG@/src"
+#: Every byte but "[" and "{" (`bytes.translate` deletes them: what is left are the brackets).
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[{")))
+_digest = type(hashlib.sha224()).digest
+# arguments of `map` (a `repeat` without a count never runs out, so one serves every call)
+_PATH, _NONE, _IMG = repeat("path"), repeat(""), repeat(_IMG_PATH)
+_LINK_KEYS = ("url", *TEXT_KEYS)
+_LINK_TYPE = pa.struct([(k, pa.string()) for k in _LINK_KEYS])
+_KEY_ARRAY = pa.array(TEXT_KEYS, pa.string())
+#: Links held before their pairs are extracted (bounds what a shard holds at once).
+_FLUSH_LINKS = 1 << 16
+#: Image links held as they are (dicts) before their url and texts become string columns.
+_CONVERT_LINKS = 2048
+#: Bytes of text held before a flush (the texts of a flush stay one string array, < 2 GiB).
+_FLUSH_TEXT_BYTES = 1 << 30
+
+
+def _concat(parts: list) -> pa.Array | pa.ChunkedArray:
+    """String columns (arrays or chunked arrays) as one array, or as a chunked array past
+    what one string array holds (2 GiB)."""
+    arrays = [c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]
+    try:
+        return pa.concat_arrays(arrays)
+    except (pa.ArrowInvalid, pa.ArrowCapacityError):
+        return pa.chunked_array(arrays, pa.string())
+
+
+def _str_array(values: list) -> pa.Array | pa.ChunkedArray:
+    """`values` (JSON values) as a string column: a value that is not a string is null, as
+    `isinstance(v, str)` skips it. `pa.array` refuses every other type a JSON parser gives
+    (number, bool, list, dict: tested), so the per-value check runs only when it does."""
+    try:
+        return pa.array(values, pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return pa.array([v if type(v) is str else None for v in values], pa.string())
+
+
+def _mask(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A boolean Arrow column as a NumPy mask, null as False."""
+    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _normalize_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """`normalize_alt_text` on a column: newlines and CRs become spaces, then strip (Arrow's
+    whitespace is `str.isspace`'s, checked for every code point in test_ingest_speedpath)."""
+    if isinstance(values, pa.ChunkedArray):  # pa.array's answer for over 2 GiB of text
+        return pa.chunked_array([_normalize_texts(c) for c in values.chunks], pa.string())
+    data = values.buffers()[2]
+    if data is not None and len(data):
+        # "\n" and "\r" are single bytes that no other UTF-8 character holds: each becomes a
+        # space in place, as replace_substring does, without looking for them string by string
+        view = np.frombuffer(data, np.uint8)
+        newline = (view == 10) | (view == 13)
+        if newline.any():
+            view = view.copy()
+            view[newline] = 32
+            offsets, validity = values.buffers()[1], values.buffers()[0]
+            values = pa.StringArray.from_buffers(
+                len(values), offsets, pa.py_buffer(view), validity, values.null_count, values.offset
+            )
+    return pc.utf8_trim_whitespace(values)
+
+
+def _has_bytes(values: pa.Array, chars: bytes) -> bool:
+    """Whether the data of string column `values` may hold one of the ASCII `chars` (a look at
+    its whole data buffer, which may also hold bytes outside the column's slice)."""
+    data = values.buffers()[2]
+    if data is None:
+        return False
+    view = np.frombuffer(data, np.uint8)
+    return any(bool((view == c).any()) for c in chars)
+
+
+def _resolve_column(
+    imgs: pa.Array, link_page: np.ndarray, pages: list
+) -> tuple[pa.Array, np.ndarray]:
+    """`_resolve(page, img, base)` for each image URL of `imgs` (no nulls, none empty) with
+    page URL `pages[link_page[i]]` (a string or None), and the mask of those that resolved
+    (False: urljoin raised ValueError, the link is dropped).
+
+    For a plain http(s) page (`_PLAIN_URL`, parsed here without urlparse) and an image URL of
+    one of `_resolve`'s plain kinds, the result is what `_resolve` computes, on whole columns:
+    the URL itself (absolute), the page's scheme + ":" + it ("//host/..."), the page's
+    "scheme://netloc" + it ("/path" without "." or ".." segments or empty query), or that and
+    the page's directory less one segment per leading "../" + the rest (a relative path without
+    other dot segments, empty segments or empty query, for a page path without dot or empty
+    segments either). Every other pair goes to `_resolve`, one by one. Tested against urljoin
+    in test_ingest_speedpath."""
+    n = len(imgs)
+    page_arr = pa.array(pages, pa.string())
+    plain_page = _mask(pc.match_substring_regex(page_arr, _RE2_PLAIN_URL))
+    parts = pc.extract_regex(pc.if_else(pa.array(plain_page), page_arr, ""), _RE2_PAGE_PARTS)
+    scheme, netloc, path = (parts.field(k) for k in ("scheme", "netloc", "path"))
+    net_prefix = pc.binary_join_element_wise(scheme, ":", "")
+    abs_prefix = pc.binary_join_element_wise(scheme, "://", netloc, "")
+    directory = pc.if_else(
+        pc.equal(pc.binary_length(path), 0),
+        "/",
+        pc.replace_substring_regex(path, r"[^/]*\z", ""),
+    )
+    rel_prefix = pc.binary_join_element_wise(abs_prefix, directory, "")
+    plain_dir = plain_page & ~_mask(pc.match_substring_regex(path, r"//|/\."))
+
+    dots = _mask(pc.match_substring_regex(imgs, r"/\."))
+    space_end = _mask(pc.ends_with(imgs, " "))
+    on_plain = plain_page[link_page]
+    as_is = _mask(pc.is_null(page_arr))[link_page] | (
+        on_plain & ~dots & _mask(pc.match_substring_regex(imgs, _RE2_PLAIN_URL))
+    )
+    net = on_plain & ~dots & _mask(pc.match_substring_regex(imgs, _RE2_PLAIN_NET_REF))
+    root = on_plain & ~space_end & _mask(pc.match_substring_regex(imgs, _RE2_ROOTED_PATH))
+    rel = (
+        (on_plain & ~space_end)
+        & plain_dir[link_page]
+        & _mask(pc.match_substring_regex(imgs, _RE2_RELATIVE_PATH))
+    )
+    up = rel & _mask(pc.starts_with(imgs, "../"))
+    rel &= ~up
+    # index into [net prefixes, abs prefixes, rel prefixes, ""]: the prefix of each URL
+    m = len(pages)
+    which = np.full(n, 3 * m, dtype=np.int64)
+    which[net] = link_page[net]
+    which[root] = m + link_page[root]
+    which[rel] = 2 * m + link_page[rel]
+    prefixes = pa.concat_arrays(
+        [net_prefix, abs_prefix, rel_prefix, pa.array([""], pa.string())]
+    ).take(pa.array(which))
+    resolved = pc.binary_join_element_wise(prefixes, imgs, "")
+    ok = np.ones(n, dtype=bool)
+    up_links = np.flatnonzero(up)
+    slow = np.flatnonzero(~(as_is | net | root | rel | up))
+    if not len(up_links) and not len(slow):
+        return resolved, ok
+    values: dict[int, str | None] = {}
+    if len(up_links):
+        dirs, abs_prefixes = directory.to_pylist(), abs_prefix.to_pylist()
+        img_list = imgs.take(pa.array(up_links)).to_pylist()
+        for i, img in zip(up_links.tolist(), img_list, strict=True):
+            r = link_page[i]
+            rest = img.lstrip("./")  # the leading "../"s: the rest starts with neither
+            k = (len(img) - len(rest)) // 3
+            values[i] = abs_prefixes[r] + dirs[r].rsplit("/", k + 1)[0] + "/" + rest
+    if len(slow):
+        bases: dict[int, _PageBase | None] = {}
+        img_list = imgs.take(pa.array(slow)).to_pylist()
+        for i, img in zip(slow.tolist(), img_list, strict=True):
+            r = link_page[i]
+            page = pages[r]
+            if r not in bases:
+                bases[r] = _PageBase(page) if isinstance(page, str) and page else None
+            try:
+                values[i] = _resolve(page, img, bases[r])
+            except ValueError:  # unparseable (e.g. "http://[bad"): MetaCLIP drops the link
+                values[i] = None
+                ok[i] = False
+    replaced = np.zeros(n, dtype=bool)
+    at = np.fromiter(values, np.int64, len(values))
+    replaced[at] = True
+    new = pa.array([values[i] for i in np.sort(at).tolist()], pa.string())
+    return pc.replace_with_mask(resolved, pa.array(replaced), new), ok
+
+
+class _WatPairs:
+    """The pairs of a WAT shard, in record order, as `Ingestor._extract` gives them.
+
+    `hold(doc)` keeps, per record, its page URL and its image links (picked with C loops:
+    `map(dict.get, ...)`, `compress`); every `_CONVERT_LINKS` links, their `url` and texts
+    become string columns (one `pa.array` of structs) while they are still in the CPU's caches;
+    `flush` makes the pairs of the held records on whole columns (Arrow kernels: URL
+    resolution, text normalization, dropping empty texts). A record that may hold a lone
+    surrogate goes to `Ingestor._extract`, pair by pair, into `slow_columns()` after the held
+    records are flushed; so does one whose page URL is neither a string nor missing, or whose
+    links are not all objects with a string or missing `path`. No held link can raise, so
+    deferring its extraction changes nothing but the time it takes."""
+
+    def __init__(self, counts: Counter) -> None:
+        self.counts = counts
+        #: (image URLs, texts, text keys, page URLs) per run of records: Arrow arrays or lists
+        self.chunks: list[tuple[Any, Any, Any, Any]] = []
+        self.num_rows = 0
+        self._pages: list[str | None] = []  # per held record with image links
+        self._n_img: list[int] = []  # its number of image links
+        self._links: list[dict] = []  # image links held as they are
+        # `url` and TEXT_KEYS of the image links held before, as string columns in parts (the
+        # texts normalized)
+        self._columns: tuple[list, ...] = ([], [], [], [])
+        self._held = self._text_bytes = 0  # image links held, bytes of their texts
+        self._slow: tuple[list, list, list, list] | None = None
+
+    def hold(self, doc: Any) -> None:
+        """Counts the record and holds its image links (`Ingestor._extract`'s checks, in its
+        order)."""
+        counts = self.counts
+        env = doc.get("Envelope") if isinstance(doc, dict) else None
+        if not isinstance(env, dict):
+            counts["records_skipped_no_envelope"] += 1
+            return
+        header = env.get("WARC-Header-Metadata") or {}
+        if header.get("WARC-Type") != "response":
+            counts["records_skipped_not_response"] += 1
+            return
+        page_url = header.get("WARC-Target-URI")
+        try:
+            links = env["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]["Links"]
+        except (KeyError, TypeError):
+            counts["records_skipped_no_links"] += 1
+            return
+        if not isinstance(links, list):
+            counts["records_skipped_no_links"] += 1
+            return
+        counts["records_with_links"] += 1
+        if page_url is not None and not isinstance(page_url, str):
+            Ingestor._extract_links(page_url, links, self.slow_columns(), counts)
+            return
+        try:
+            # dict.get and str.startswith raise TypeError for a link that is not a dict and
+            # for a path that is not a string (missing: "")
+            is_img = map(str.startswith, map(dict.get, links, _PATH, _NONE), _IMG)
+            img_links = list(compress(links, is_img))
+        except TypeError:
+            Ingestor._extract_links(page_url, links, self.slow_columns(), counts)
+            return
+        if img_links:
+            self._links += img_links
+            self._pages.append(page_url)
+            self._n_img.append(len(img_links))
+            if len(self._links) >= _CONVERT_LINKS:
+                self._convert()
+                if self._held >= _FLUSH_LINKS or self._text_bytes >= _FLUSH_TEXT_BYTES:
+                    self.flush()
+
+    def _convert(self) -> None:
+        """Moves the `url` and texts of the held links to string columns while the links are
+        still in the CPU's caches (at `flush`, each would be read from memory again)."""
+        links = self._links
+        self._held += len(links)
+        try:  # one C++ pass: a missing key or None is null, any other non-string refused
+            values = pa.array(links, _LINK_TYPE)
+            columns = [pc.struct_field(values, [k]) for k in range(len(_LINK_KEYS))]
+        except (pa.ArrowTypeError, pa.ArrowInvalid):  # not a string: null, as `_extract` skips it
+            columns = [_str_array(list(map(dict.get, links, repeat(k)))) for k in _LINK_KEYS]
+        self._columns[0].append(columns[0])
+        for parts, texts in zip(self._columns[1:], columns[1:], strict=True):
+            parts.append(_normalize_texts(texts))
+            self._text_bytes += parts[-1].nbytes
+        self._links = []
+
+    def slow_columns(self) -> tuple[list, list, list, list]:
+        """Lists to append pairs to one by one, after the held records' pairs."""
+        self.flush()
+        if self._slow is None:
+            self._slow = ([], [], [], [])
+            self.chunks.append(self._slow)
+        return self._slow
+
+    def flush(self) -> None:
+        """Makes the pairs of the held records."""
+        if self._slow is not None:
+            self.num_rows += len(self._slow[0])
+            self._slow = None
+        if not self._pages:
+            return
+        self._convert()
+        pages, n_img, columns, total = self._pages, self._n_img, self._columns, self._held
+        self._pages, self._n_img, self._columns = [], [], ([], [], [], [])
+        self._held = self._text_bytes = 0
+        counts = self.counts
+        imgs = _concat(columns[0])
+        link_page = np.repeat(np.arange(len(pages)), n_img)
+        has_url = _mask(pc.greater(pc.binary_length(imgs), 0))
+        links = None  # the image links kept (indices into raw), None: all
+        if not has_url.all():
+            counts["image_links_without_url"] += len(has_url) - int(has_url.sum())
+            links = np.flatnonzero(has_url)
+            imgs = imgs.take(pa.array(links))
+            link_page = link_page[links]
+        if not len(imgs):
+            return
+        resolved, ok = _resolve_column(imgs, link_page, pages)
+        if not ok.all():
+            counts["image_links_bad_url"] += len(ok) - int(ok.sum())
+            keep = np.flatnonzero(ok)
+            links = keep if links is None else links[keep]
+            resolved = resolved.take(pa.array(keep))
+            link_page = link_page[keep]
+        n = len(resolved)
+        if not n:
+            return
+        counts["image_links"] += n
+        # every text of the held links, key k of link i at k * total + i
+        texts = _concat(columns[1] + columns[2] + columns[3])  # normalized
+        has_text = _mask(pc.greater(pc.binary_length(texts), 0)).reshape(len(TEXT_KEYS), total)
+        kept = np.arange(total) if links is None else links
+        # pairs link by link, keys in order: (kept link j, key k) at j * 3 + k
+        rows = np.flatnonzero(has_text[:, kept].T)
+        if not len(rows):
+            return
+        link, key = rows // len(TEXT_KEYS), rows % len(TEXT_KEYS)
+        self.chunks.append(
+            (
+                resolved.take(pa.array(link)),
+                texts.take(pa.array(key * total + kept[link])),
+                _KEY_ARRAY.take(pa.array(key)),
+                pa.array(pages, pa.string()).take(pa.array(link_page[link])),
+            )
+        )
+        self.num_rows += len(rows)
+
+    def table(self, shard: str) -> pa.Table:
+        """The pairs as a `PAIR_SCHEMA` table (`source_row`: the pair's index in the shard)."""
+        self.flush()
+        if not self.num_rows:
+            return PAIR_SCHEMA.empty_table()
+        cols = []
+        for k in range(4):
+            parts = [
+                pa.array(c[k], pa.string()) if isinstance(c[k], list) else c[k] for c in self.chunks
+            ]
+            cols.append(parts[0] if len(parts) == 1 else _concat(parts))
+        n = self.num_rows
+        return pa.Table.from_arrays(
+            [
+                _uids(cols[0]),
+                *cols,
+                pa.repeat(pa.scalar(shard, pa.string()), n),
+                pa.array(np.arange(n, dtype=np.int64)),
+            ],
+            schema=PAIR_SCHEMA,
+        )
+
+
+def _uids(urls: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """`uids_of_urls(urls)` for a column without nulls: each distinct URL is hashed once and
+    the digests are hex-encoded together (tested equal in test_ingest_speedpath)."""
+    if isinstance(urls, pa.ChunkedArray):
+        return pa.chunked_array([_uids(chunk) for chunk in urls.chunks], pa.string())
+    if not len(urls):
+        return pa.array([], pa.string())
+    enc = urls.dictionary_encode()
+    keys = enc.dictionary
+    if _has_bytes(keys, b"\t "):
+        keys = pc.replace_substring(pc.replace_substring(keys, "\t", ""), " ", "")
+    digests = b"".join(map(_digest, map(hashlib.sha224, keys.cast(pa.binary()).to_pylist())))
+    m = len(keys)
+    head = np.frombuffer(digests, np.uint8).reshape(m, 28)[:, : UID_HEX_DIGITS // 2]
+    hexed = head.tobytes().hex().encode("ascii")
+    offsets = np.arange(0, UID_HEX_DIGITS * m + 1, UID_HEX_DIGITS, dtype=np.int32)
+    uids = pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(hexed))
+    return uids.take(enc.indices)
 
 
 def _loads_wat(payload: bytes, deep: int) -> tuple[Any, bool]:
