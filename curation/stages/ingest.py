@@ -457,11 +457,25 @@ class Ingestor(Source):
                         )
                     )
                     continue
-                if not may_have_surrogate:
-                    hold(doc)  # extracted with the records around it, on whole columns
-                    continue
                 dropped: list[str] = []
-                self._extract(doc, pairs.slow_columns(), counts, dropped)
+                try:
+                    if not may_have_surrogate:
+                        hold(doc)  # extracted with the records around it, on whole columns
+                        continue
+                    self._extract(doc, pairs.slow_columns(), counts, dropped)
+                except _BadPageUrl as exc:
+                    counts["records_dropped_bad_page_url"] += 1
+                    result.quarantine.append(
+                        self._q(
+                            shard,
+                            url,
+                            "bad_page_url",
+                            str(exc),
+                            record=record_no,
+                            offset=record.stream_pos,
+                        )
+                    )
+                    continue
                 for detail in dropped:
                     result.quarantine.append(
                         self._q(
@@ -528,6 +542,7 @@ class Ingestor(Source):
         if not isinstance(links, list):
             counts["records_skipped_no_links"] += 1
             return
+        _check_page_url(page_url)
         counts["records_with_links"] += 1
         Ingestor._extract_links(page_url, links, cols, counts, dropped)
 
@@ -911,6 +926,19 @@ def _gzip_tail_state(url: str, start: int, magic: bytes | None = None) -> str:
     return "complete"
 
 
+class _BadPageUrl(ValueError):
+    """A record whose `WARC-Target-URI` is not a string: quarantined (`bad_page_url`)."""
+
+
+def _check_page_url(page_url: Any) -> None:
+    """Raise `_BadPageUrl` unless `page_url` is a string or missing (null)."""
+    if page_url is not None and not isinstance(page_url, str):
+        shown = json.dumps(page_url)[:200] if isinstance(page_url, (int, float, bool)) else ""
+        raise _BadPageUrl(
+            f"WARC-Target-URI is a JSON {type(page_url).__name__}, not a string {shown}".rstrip()
+        )
+
+
 class _ShardTooLarge(Exception):
     """A JSONL shard grew past `max_shard_bytes` uncompressed (args: bytes seen)."""
 
@@ -1199,8 +1227,9 @@ class _WatPairs:
     `flush` makes the pairs of the held records on whole columns (Arrow kernels: URL
     resolution, text normalization, dropping empty texts). A record that may hold a lone
     surrogate goes to `Ingestor._extract`, pair by pair, into `slow_columns()` after the held
-    records are flushed; so does one whose page URL is neither a string nor missing, or whose
-    links are not all objects with a string or missing `path`. No held link can raise, so
+    records are flushed; so does one whose links are not all objects with a string or missing
+    `path`. A page URL that is neither a string nor missing raises `_BadPageUrl` (the record is
+    quarantined) before anything of the record is held. No held link can raise, so
     deferring its extraction changes nothing but the time it takes."""
 
     def __init__(self, counts: Counter) -> None:
@@ -1238,10 +1267,9 @@ class _WatPairs:
         if not isinstance(links, list):
             counts["records_skipped_no_links"] += 1
             return
-        counts["records_with_links"] += 1
         if page_url is not None and not isinstance(page_url, str):
-            Ingestor._extract_links(page_url, links, self.slow_columns(), counts)
-            return
+            _check_page_url(page_url)
+        counts["records_with_links"] += 1
         try:
             # dict.get and str.startswith raise TypeError for a link that is not a dict and
             # for a path that is not a string (missing: "")

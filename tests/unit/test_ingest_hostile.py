@@ -75,6 +75,30 @@ def test_jsonl_deeply_nested_line_is_bad_json_and_others_read(tmp_path, name):
 # -- 2. lone surrogates --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("page", [12345, ["http://a/"], {"u": 1}, True])
+def test_wat_page_url_that_is_not_a_string_quarantines_the_record(tmp_path, page):
+    """A WARC-Target-URI that is not a JSON string (a number, a list, ...) sets the record
+    aside as `bad_page_url`, on the column path and on the per-pair (surrogate) path."""
+    bad = wat_doc(PAGE, [img("http://img.com/1.jpg", "lost")]).replace(
+        json.dumps(PAGE).encode(), json.dumps(page).encode()
+    )
+    surrogate = json.loads('"bad \\ud800 alt"')
+    bad_slow = wat_doc(PAGE, [img("http://img.com/2.jpg", surrogate)]).replace(
+        json.dumps(PAGE).encode(), json.dumps(page).encode()
+    )
+    data = _wat_record("before") + member(bad) + member(bad_slow) + _wat_record("after")
+    result = ingest(write(tmp_path, "a.wat.gz", data))
+    assert [r[1] for r in rows(result)] == ["before", "after"]
+    assert [(q["reason"], q["record"]) for q in result.quarantine] == [
+        ("bad_page_url", 1),
+        ("bad_page_url", 2),
+    ]
+    assert "WARC-Target-URI is a JSON" in result.quarantine[0]["detail"]
+    assert result.counts["records_dropped_bad_page_url"] == 2
+    assert result.counts["records_with_links"] == 2
+    check_invariants(result)
+
+
 def test_wat_lone_surrogate_drops_only_that_pair(tmp_path):
     bad = json.loads('"bad \\ud800 alt"')
     links = [img("http://img.com/1.jpg", bad), img("http://img.com/2.jpg", "good")]

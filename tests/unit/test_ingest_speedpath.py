@@ -218,19 +218,28 @@ def test_wat_pairs_are_extract_pairs(recs: list, convert_every: int, flush_every
     docs = [json.loads(json.dumps(_doc(r))) for r in recs]
     cols: tuple[list, list, list, list] = ([], [], [], [])
     want_counts: Counter = Counter()
-    for doc in docs:
-        Ingestor._extract(doc, cols, want_counts)
+    want_bad = []  # records refused for their page URL (quarantined by the caller)
+    for i, doc in enumerate(docs):
+        try:
+            Ingestor._extract(doc, cols, want_counts)
+        except ingest._BadPageUrl:
+            want_bad.append(i)
     got_counts: Counter = Counter()
+    got_bad = []
     pairs = _WatPairs(got_counts)
     old = ingest._CONVERT_LINKS, ingest._FLUSH_LINKS
     ingest._CONVERT_LINKS, ingest._FLUSH_LINKS = convert_every, flush_every
     try:
-        for doc in docs:
-            pairs.hold(doc)
+        for i, doc in enumerate(docs):
+            try:
+                pairs.hold(doc)
+            except ingest._BadPageUrl:
+                got_bad.append(i)
         pairs.flush()
     finally:
         ingest._CONVERT_LINKS, ingest._FLUSH_LINKS = old
     assert dict(got_counts) == dict(want_counts)
+    assert got_bad == want_bad
     got: tuple[list, list, list, list] = ([], [], [], [])
     for chunk in pairs.chunks:
         for column, values in zip(got, chunk, strict=True):
