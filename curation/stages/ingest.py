@@ -525,26 +525,9 @@ class Ingestor(Source):
         `dropped` is given, a pair with a string that is not valid Unicode (a lone surrogate) is
         left out, counted as read and dropped (`rows_dropped_bad_unicode`) and described in
         `dropped`."""
-        env = doc.get("Envelope") if isinstance(doc, dict) else None
-        if not isinstance(env, dict):
-            counts["records_skipped_no_envelope"] += 1
-            return
-        header = env.get("WARC-Header-Metadata") or {}
-        if header.get("WARC-Type") != "response":
-            counts["records_skipped_not_response"] += 1
-            return
-        page_url = header.get("WARC-Target-URI")
-        try:
-            links = env["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]["Links"]
-        except (KeyError, TypeError):
-            counts["records_skipped_no_links"] += 1
-            return
-        if not isinstance(links, list):
-            counts["records_skipped_no_links"] += 1
-            return
-        _check_page_url(page_url)
-        counts["records_with_links"] += 1
-        Ingestor._extract_links(page_url, links, cols, counts, dropped)
+        found = _record_links(doc, counts)
+        if found is not None:
+            Ingestor._extract_links(found[0], found[1], cols, counts, dropped)
 
     @staticmethod
     def _extract_links(
@@ -926,6 +909,33 @@ def _gzip_tail_state(url: str, start: int, magic: bytes | None = None) -> str:
     return "complete"
 
 
+def _record_links(doc: Any, counts: Counter) -> tuple[str | None, list] | None:
+    """A WAT record's (page URL, links), counted as `records_with_links`; None, counted by
+    reason, when it is not a response with a links list. Raises `_BadPageUrl` for a page URL
+    that is neither a string nor missing."""
+    env = doc.get("Envelope") if isinstance(doc, dict) else None
+    if not isinstance(env, dict):
+        counts["records_skipped_no_envelope"] += 1
+        return None
+    header = env.get("WARC-Header-Metadata") or {}
+    if header.get("WARC-Type") != "response":
+        counts["records_skipped_not_response"] += 1
+        return None
+    page_url = header.get("WARC-Target-URI")
+    try:
+        links = env["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]["Links"]
+    except (KeyError, TypeError):
+        counts["records_skipped_no_links"] += 1
+        return None
+    if not isinstance(links, list):
+        counts["records_skipped_no_links"] += 1
+        return None
+    if page_url is not None and not isinstance(page_url, str):
+        _check_page_url(page_url)
+    counts["records_with_links"] += 1
+    return page_url, links
+
+
 class _BadPageUrl(ValueError):
     """A record whose `WARC-Target-URI` is not a string: quarantined (`bad_page_url`)."""
 
@@ -1250,26 +1260,10 @@ class _WatPairs:
         """Counts the record and holds its image links (`Ingestor._extract`'s checks, in its
         order)."""
         counts = self.counts
-        env = doc.get("Envelope") if isinstance(doc, dict) else None
-        if not isinstance(env, dict):
-            counts["records_skipped_no_envelope"] += 1
+        found = _record_links(doc, counts)
+        if found is None:
             return
-        header = env.get("WARC-Header-Metadata") or {}
-        if header.get("WARC-Type") != "response":
-            counts["records_skipped_not_response"] += 1
-            return
-        page_url = header.get("WARC-Target-URI")
-        try:
-            links = env["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]["Links"]
-        except (KeyError, TypeError):
-            counts["records_skipped_no_links"] += 1
-            return
-        if not isinstance(links, list):
-            counts["records_skipped_no_links"] += 1
-            return
-        if page_url is not None and not isinstance(page_url, str):
-            _check_page_url(page_url)
-        counts["records_with_links"] += 1
+        page_url, links = found
         try:
             # dict.get and str.startswith raise TypeError for a link that is not a dict and
             # for a path that is not a string (missing: "")
