@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from curation.core import fsio
@@ -36,6 +37,21 @@ def quarantine_record(
     }
     entry.update(extra)
     return redact(entry)
+
+
+def drop_rows(
+    counts: Counter,
+    quarantine: list[dict[str, Any]],
+    stage: str,
+    shard: str,
+    input_url: str,
+    dropped: Iterable[tuple[Any, tuple[str, str]]],
+) -> None:
+    """Count (`rows_dropped_<reason>`) and quarantine (`quarantine_record` with its `key`) each
+    dropped row `(key, (reason, detail))` of a shard."""
+    for key, (reason, detail) in dropped:
+        counts[f"rows_dropped_{reason}"] += 1
+        quarantine.append(quarantine_record(stage, shard, input_url, reason, detail, key=key))
 
 
 def summarize(stage: str, markers: dict[str, dict]) -> dict[str, Any]:

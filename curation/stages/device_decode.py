@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from curation.core.accounting import quarantine_record
+from curation.core.accounting import drop_rows
 from curation.io.images import ImageLimits, PixelTransform, decode_images
 
 __all__ = ["DECODE_MODES", "RESIZE_MODES", "DevicePreprocess", "device_decodable"]
@@ -207,18 +207,14 @@ class DevicePreprocess:
         quarantine = list(chunk["quarantine"])
         if failures:
             keys = meta.column("key").to_pylist()
-            for row, (reason, detail) in zip(dev_rows[~ok], failures, strict=True):
-                counts[f"rows_dropped_{reason}"] += 1
-                quarantine.append(
-                    quarantine_record(
-                        chunk.get("stage", "score"),
-                        chunk["shard"],
-                        chunk["input"],
-                        reason,
-                        detail,
-                        key=keys[row],
-                    )
-                )
+            drop_rows(
+                counts,
+                quarantine,
+                chunk.get("stage", "score"),
+                chunk["shard"],
+                chunk["input"],
+                ((keys[row], f) for row, f in zip(dev_rows[~ok], failures, strict=True)),
+            )
             meta = meta.filter(pa.array(keep))
         return {"meta": meta, "pixels": pixels, "counts": counts, "quarantine": quarantine}
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from curation.core.accounting import quarantine_record
+from curation.core.accounting import drop_rows
 from curation.core.stage import Resources, Shard, Stage, StageOutput
 from curation.io.datacomp import embedding_column
 from curation.io.images import (
@@ -524,11 +524,9 @@ def decode_chunk(
     quarantine = list(img.quarantine)
     if failures:
         keys = np.asarray(part.column("key").to_pylist(), dtype=object)[~ok]
-        for key, (reason, detail) in zip(keys, failures, strict=True):
-            counts[f"rows_dropped_{reason}"] += 1
-            quarantine.append(
-                quarantine_record(stage, shard.name, shard.input, reason, detail, key=key)
-            )
+        drop_rows(
+            counts, quarantine, stage, shard.name, shard.input, zip(keys, failures, strict=True)
+        )
     meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes)
     return {"meta": meta, "pixels": pixels, "counts": counts, "quarantine": quarantine}
 
@@ -578,12 +576,9 @@ def probe_chunk(
     counts["images_decoded_cpu"] += int(ok_cpu.sum())
     quarantine = list(img.quarantine)
     keys = part.column("key").to_pylist()
-    for i in sorted(reasons):  # in row order, as decode_chunks
-        reason, detail = reasons[i]
-        counts[f"rows_dropped_{reason}"] += 1
-        quarantine.append(
-            quarantine_record(stage, shard.name, shard.input, reason, detail, key=keys[i])
-        )
+    # in row order, as decode_chunks
+    dropped = ((keys[i], reasons[i]) for i in sorted(reasons))
+    drop_rows(counts, quarantine, stage, shard.name, shard.input, dropped)
     kept = ok[rows]  # of the header-checked rows, those still kept
     meta = _with_sizes(part.drop_columns(["image"]).filter(pa.array(ok)), sizes[kept])
     dev_rows = rows[to_dev]
