@@ -21,7 +21,9 @@ through the actor pool with `--decode pil` and `--decode device` (steady state, 
 `bench_score.py --gpu`; the goal is end to end >= 90% of model alone).
 
     python bench/bench_score_decode.py --gpu     # on a machine with a GPU (one command)
-    python bench/bench_score_decode.py --smoke   # CPU: every part, tiny sizes (~1 min)
+    python bench/bench_score_decode.py --gpu --no-ray   # the same where Ray is not installed:
+                                                 # JPEG bytes -> scores in one process
+    python bench/bench_score_decode.py --smoke [--no-ray]   # CPU: every part, tiny sizes
 """
 
 from __future__ import annotations
@@ -265,6 +267,30 @@ def bench_cpu_throughput(tar: str, label: str, size: int = 224) -> None:
     )
 
 
+def in_process_rate(files: list[str], scorer, mode: str) -> tuple[int, float]:
+    """(images, img/s) of the score stage's own code run in this process, shard after shard:
+    the CPU half (`decode_chunks`, or `probe_chunks` with `mode="device"`) then the scorer
+    (`ScoreStage.process`), one after the other. With `device` the CPU half is a header check,
+    so this is the scorer's own rate from JPEG bytes, no Ray needed."""
+    from curation.core.stage import Shard
+    from curation.io.images import ImageLimits
+    from curation.stages.score import ScoreStage, decode_chunks, probe_chunks
+
+    limits, transform = ImageLimits(), scorer.pixel_transform()
+    split = probe_chunks if mode == "device" else decode_chunks
+    stage = ScoreStage(scorer, device_preprocess=_preprocess(scorer) if mode == "device" else None)
+    for c in split(Shard("warm", files[0]), limits, transform, 1024):  # warm-up
+        stage.process(c)
+    sync = device_sync(scorer)
+    sync()
+    t0, n = time.perf_counter(), 0
+    for f in files:
+        for c in split(Shard(Path(f).stem, f), limits, transform, 1024):
+            n += len(stage.process(c)["clip_score"])
+    sync()
+    return n, n / (time.perf_counter() - t0)
+
+
 def bench_device(
     tmp: Path,
     models: list[str],
@@ -273,11 +299,12 @@ def bench_device(
     image_size: int,
     repeats: int,
     smoke: bool = False,
+    use_ray: bool = True,
 ) -> None:
-    """Model alone vs decode alone vs end to end (pil / device) per model on `device`."""
+    """Model alone vs decode alone vs end to end (pil / device) per model on `device`: through
+    the Ray actor pool, or (`use_ray=False`, for a machine without Ray) in this process."""
     import torch
 
-    from curation.executor.runner import ensure_ray
     from curation.io.images import probe_images, read_tar
     from curation.stages.score import ClipScorer
 
@@ -288,7 +315,10 @@ def bench_device(
     cpus = os.cpu_count() or 1
     shards = max(cpus - 1, 4)
     files = jpeg_pool(tmp / "gpool", shards, -(-images // shards), image_size)
-    ensure_ray(num_cpus=cpus)
+    if use_ray:
+        from curation.executor.runner import ensure_ray
+
+        ensure_ray(num_cpus=cpus)
     blobs = read_tar(files[0]).table.column("image").to_pylist()
     _, _, sizes, _ = probe_images(blobs)
     for model in models:
@@ -298,6 +328,17 @@ def bench_device(
         pre = _preprocess(scorer)
         dec = _rate(lambda p=pre: p.decode(blobs, sizes, device), len(blobs), device_sync(scorer))
         px = scorer.image_size
+        if not use_ray:
+            got = {mode: in_process_rate(files, scorer, mode) for mode in ("pil", "device")}
+            print(
+                f"score {name}{' (smoke: sizes too small to mean anything)' if smoke else ''}, "
+                f"{model} {px} px, in one process (no Ray): model alone {alone:,.0f} img/s; "
+                f"decode+resize alone on {device} {dec:,.0f} img/s ({image_size} px JPEGs); "
+                f"JPEG bytes → scores, --decode device {got['device'][1]:,.0f} img/s = "
+                f"{got['device'][1] / alone:.0%} of model alone; --decode pil on one decode "
+                f"core {got['pil'][1]:,.0f} img/s ({got['device'][0]:,} images)"
+            )
+            continue
         del scorer
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -331,6 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="ViT-B-32,ViT-L-14", help="GPU throughput models")
     ap.add_argument("--gpu-images", type=int, default=30_000)
     ap.add_argument("--image-size", type=int, default=256, help="GPU pool's JPEG size")
+    ap.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="GPU part in this process (a machine without Ray): the scorer's rate from JPEGs",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from curation.stages.score import TINY_MODEL
@@ -349,10 +395,14 @@ def main(argv: list[str] | None = None) -> None:
         bench_cpu_throughput(tar, "real-looking")
         pool = jpeg_pool(tmp / "cpool", 1, 48 if args.smoke else 500, 256)
         bench_cpu_throughput(pool[0], "`synth --images` 256 px")
+        use_ray = not args.no_ray
         if args.smoke:  # the GPU part's code, on the CPU with the tiny model
-            bench_device(tmp, [TINY_MODEL], 64, "cpu", 64, repeats=1, smoke=True)
+            bench_device(tmp, [TINY_MODEL], 64, "cpu", 64, 1, smoke=True, use_ray=use_ray)
         elif args.gpu:
-            bench_device(tmp, args.models.split(","), args.gpu_images, "cuda", args.image_size, 20)
+            bench_device(
+                tmp, args.models.split(","), args.gpu_images, "cuda", args.image_size, 20,
+                use_ray=use_ray,
+            )  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
