@@ -10,8 +10,8 @@ again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -202,6 +202,9 @@ def count(inp: str, metadata: str) -> tuple[np.ndarray, tuple[str, ...]]:
 COUNTS_SOURCE_SUFFIX = ".counted-from"
 
 
+T = TypeVar("T")
+
+
 def write_counts(counts: np.ndarray, entries: Sequence[str], path: str) -> None:
     """`entry_counts.parquet`: entry_id, entry, count (uint64), one row per metadata entry."""
     table = pa.table(
@@ -225,23 +228,53 @@ def persisted_count(
     redone or changed stage gives a new key, and the counts are computed again.
     """
     md = load_metadata(metadata)
+
+    def recount() -> tuple[np.ndarray, tuple[str, ...]]:
+        counts, entries = count(inp, metadata)
+        write_counts(counts, entries, path)
+        return counts, entries
+
+    return reuse_or_recount(
+        inp,
+        markers,
+        md.checksum,
+        path,
+        read=lambda: (read_counts(path), md.entries),
+        fits=lambda got: len(got[0]) == len(md),
+        recount=recount,
+    )
+
+
+def reuse_or_recount(
+    inp: str,
+    markers: dict[str, dict],
+    checksum: str,
+    path: str,
+    *,
+    read: Callable[[], T],
+    fits: Callable[[T], bool],
+    recount: Callable[[], T],
+) -> T:
+    """Counts of the stage folder `inp` kept in `path`: `read()` them when the key in
+    `path + ".counted-from"` (the stage's fingerprint, every shard's marker counts and the
+    metadata `checksum`) is unchanged and they `fits` the metadata; else `recount()` (which
+    writes `path`), then write the key. A redone or changed stage gives a new key."""
     stage_file = fsio.join(inp, STAGE_FILE)
     source = fingerprint(
         {
             "stage": fsio.read_json(stage_file) if fsio.exists(stage_file) else None,
             "markers": {name: m.get("counts") for name, m in sorted(markers.items())},
-            "checksum": md.checksum,
+            "checksum": checksum,
         }
     )
     key_url = path + COUNTS_SOURCE_SUFFIX
     if fsio.exists(key_url) and fsio.exists(path) and fsio.read_json(key_url) == source:
-        counts = read_counts(path)
-        if len(counts) == len(md):
-            return counts, md.entries
-    counts, entries = count(inp, metadata)
-    write_counts(counts, entries, path)
+        got = read()
+        if fits(got):
+            return got
+    got = recount()
     fsio.atomic_write_json(key_url, source)  # after the counts: a crash between recounts
-    return counts, entries
+    return got
 
 
 def balance(

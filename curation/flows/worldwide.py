@@ -45,8 +45,8 @@ from curation.core.worldwide import (
     write_language_counts,
 )
 from curation.executor.runner import check_output_location, reduce_over_shards
-from curation.flows.metaclip import COUNTS_SOURCE_SUFFIX, run_part_stage, synth_and_ingest
-from curation.io.parts import STAGE_FILE, check_output_not_in_inputs, leased, parts_of, read_part
+from curation.flows.metaclip import reuse_or_recount, run_part_stage, synth_and_ingest
+from curation.io.parts import check_output_not_in_inputs, leased, parts_of, read_part
 from curation.io.report import write_language_report
 from curation.stages.balance import LanguageBalancer
 from curation.stages.langid import LangIdStage
@@ -300,23 +300,21 @@ def persisted_language_count(
 ) -> dict[str, np.ndarray]:
     """`count_languages`, kept in `path` (lang, entry_id, count) with its key beside it, as
     `flows.metaclip.persisted_count`: a resumed job with unchanged parts reads it back."""
-    stage_file = fsio.join(inp, STAGE_FILE)
-    source = fingerprint(
-        {
-            "stage": fsio.read_json(stage_file) if fsio.exists(stage_file) else None,
-            "markers": {name: m.get("counts") for name, m in sorted(markers.items())},
-            "checksum": mset.checksum,
-        }
+
+    def recount() -> dict[str, np.ndarray]:
+        counts = count_languages(inp, mset)
+        write_language_counts(path, counts)
+        return counts
+
+    return reuse_or_recount(
+        inp,
+        markers,
+        mset.checksum,
+        path,
+        read=lambda: read_language_counts(path),
+        fits=lambda got: {k: len(v) for k, v in got.items()} == mset.sizes(),
+        recount=recount,
     )
-    key_url = path + COUNTS_SOURCE_SUFFIX
-    if fsio.exists(key_url) and fsio.exists(path) and fsio.read_json(key_url) == source:
-        counts = read_language_counts(path)
-        if {k: len(v) for k, v in counts.items()} == mset.sizes():
-            return counts
-    counts = count_languages(inp, mset)
-    write_language_counts(path, counts)
-    fsio.atomic_write_json(key_url, source)
-    return counts
 
 
 def match_languages(
